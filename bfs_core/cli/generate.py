@@ -1,0 +1,109 @@
+"""`python -m bfs_core generate`: BG2FG on one background, headless."""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="FLUX.1-Fill-dev: diffusers folder or single .safetensors")
+    parser.add_argument("--bfs", required=True, help="BFS weights: official trained_weights.pt or our .safetensors")
+    parser.add_argument("--vae", help="Flux VAE folder (default: <base>/vae)")
+    parser.add_argument("--text-encoders", help="folder with text_encoder(_2)/ and tokenizer(_2)/ (default: <base>)")
+    parser.add_argument("--rgba-vae", help="RGBA VAE (file or folder) to also write foreground.png")
+    parser.add_argument("--background", required=True, help="background image")
+    region = parser.add_mutually_exclusive_group(required=True)
+    region.add_argument("--box", help="region as x0,y0,x1,y1 in pixels (x1, y1 exclusive)")
+    region.add_argument("--mask", help="region mask image (white = region); its bounding box is used")
+    parser.add_argument("--exact-mask", action="store_true", help="use the mask's shape instead of its bounding box")
+    parser.add_argument("--prompt", required=True, help="what the foreground is, e.g. 'a red ceramic vase'")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=30.0)
+    parser.add_argument("--short-side", type=int, default=512, help="processing short side (0 = keep size)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_image(path: str, mode: str) -> torch.Tensor:
+    array = np.asarray(Image.open(path).convert(mode), dtype=np.float32) / 255.0
+    array = array[..., None] if array.ndim == 2 else array
+    return torch.from_numpy(array).permute(2, 0, 1)[None]  # [H, W, C] -> [1, C, H, W]
+
+
+def _save_image(tensor: torch.Tensor, path: Path) -> Path:
+    array = (tensor[0].permute(1, 2, 0).float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+    return path
+
+
+def region_mask(args, height: int, width: int) -> torch.Tensor:
+    from bfs_core.layer_math import box_from_mask, clamp_box, mask_from_box
+
+    if args.box:
+        try:
+            box = [int(v) for v in args.box.split(",")]
+        except ValueError:
+            box = []
+        if len(box) != 4:
+            raise ValueError(f"--box must be x0,y0,x1,y1 (four integers) but got {args.box!r}.")
+        return mask_from_box(clamp_box(box, height, width), height, width)[None, None]
+    mask = _load_image(args.mask, "L")
+    if mask.shape[-2:] != (height, width):
+        raise ValueError(f"--mask is {mask.shape[-1]}×{mask.shape[-2]} but the background is {width}×{height}.")
+    mask = (mask >= 0.5).float()
+    if args.exact_mask:
+        return mask
+    return mask_from_box(box_from_mask(mask[0, 0]), height, width)[None, None]
+
+
+def run(args) -> int:
+    from bfs_core.models.rgba_vae import save_latent_file
+    from bfs_core.pipeline import load_pipeline, parse_dtype
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    background = _load_image(args.background, "RGB")
+    mask = region_mask(args, *background.shape[-2:])
+    pipe = load_pipeline(
+        args.base,
+        args.bfs,
+        vae=args.vae,
+        text_encoders=args.text_encoders,
+        dtype=parse_dtype(args.dtype),
+        device=args.device,
+    )
+    prompt_embeds, pooled = pipe.encode_prompt([args.prompt])
+    result = pipe.generate(
+        background,
+        mask,
+        prompt_embeds,
+        pooled,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        short_side=args.short_side,
+        callback=lambda i, total, _: print(f"step {i + 1}/{total}", end="\r", flush=True),
+    )
+    print()
+    written = {
+        "fg_latent": save_latent_file(out / "fg_latent.safetensors", result.fg_latent),
+        "comp_latent": save_latent_file(out / "comp_latent.safetensors", result.comp_latent),
+        "composite": _save_image(result.composite, out / "composite.png"),
+        "mask": _save_image(mask, out / "mask.png"),
+    }
+    if args.rgba_vae:
+        from bfs_core.layer_math import resize_rgba
+        from bfs_core.models.rgba_vae import load_rgba_decoder
+
+        decoder = load_rgba_decoder(args.rgba_vae, device=args.device, flux_vae=pipe.vae)
+        rgb = pipe.decode_latents(result.fg_latent)  # only the LayerDiffuse format uses it
+        rgba = resize_rgba(decoder.decode(result.fg_latent, rgb=rgb), result.original_size)
+        written["foreground"] = _save_image(rgba, out / "foreground.png")
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0

@@ -1,0 +1,16 @@
+"""`python -m bfs_core make-tiny DIR`: tiny random models in every on-disk format the pack reads."""
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out_dir", help="folder to write into (created if needed)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    from bfs_core.tiny import write_tiny_set
+
+    for name, path in write_tiny_set(args.out_dir, seed=args.seed).items():
+        print(f"{name}: {path}")
+    return 0

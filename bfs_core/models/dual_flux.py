@@ -1,0 +1,769 @@
+"""Dual-branch FLUX.1-Fill-dev: the BFS transformer (composite branch + foreground branch in one batch).
+
+Batch layout (the one convention every part of this pack follows):
+    for N samples the transformer batch holds 2N rows: rows [0, N) are the **composite** branch (`comp`),
+    rows [N, 2N) are the **foreground** branch (`fg`). Row k of `comp` and row N + k of `fg` are one sample.
+
+What patching adds to a diffusers `FluxTransformer2DModel` instance (never to its class):
+- per-branch *content LoRA* on chosen Linears (paper: rank 64 on all blocks): the Linear's class is swapped, in this
+  instance only, to `BranchLoRALinear`, which adds `comp` deltas to rows [0, N) and `fg` deltas to rows [N, 2N);
+- the *joint module* (paper eq. 2–4; release `attn1n` + `conv1n`) in the chosen blocks: the block's class is swapped to
+  `DualSingleBlock` / `DualDoubleBlock`, whose forward runs the stock block maths plus cross-branch attention whose
+  queries come from the row's own branch and keys/values from the other branch. Q/K/V use the block's frozen
+  projections plus direction-specific LoRAs, then the block's q/k RMSNorm and rotary embedding. The result goes through
+  a post projection (`linear`: the release's bias-free zero-initialised D×D `conv1n`; `mlp`: the paper's g) and is
+  added to the block's attention output (single blocks: before `proj_out`; double blocks: image tokens only, after
+  `to_out`, before the gate), exactly where the release adds it.
+
+LoRA adapter naming: `comp` adapters act on composite-branch tokens and `fg` adapters on foreground-branch tokens.
+In the joint module that makes the two directions use disjoint matrices (comp<-fg: q=comp, k=fg, v=fg; fg<-comp: q=fg,
+k=comp, v=comp), as the release's `xy_lora` (= `comp`) / `yx_lora` (= `fg`) masks do.
+
+Fast path: the joint module's base Q/K/V are the block's own frozen weights, so the block computes each base projection
+once, adds the content-LoRA delta for self-attention and the joint-LoRA delta for the joint attention, and swaps branch
+halves for K/V. `JointAttention.forward(..., base_qkv=None)` is the plain reference path with separate projections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import (
+    FluxSingleTransformerBlock,
+    FluxTransformer2DModel,
+    FluxTransformerBlock,
+)
+from torch import nn
+
+
+BRANCHES = ("comp", "fg")
+
+# Linears that get a content LoRA, as suffixes of the module path inside a block. The AdaLN modulation Linears and
+# the model's embedders/final layer are left alone, as diffusers' Flux LoRA trainers do.
+DOUBLE_BLOCK_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+SINGLE_BLOCK_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+
+
+@dataclass(frozen=True)
+class DualBranchConfig:
+    """How a Flux-Fill transformer is turned into the BFS dual-branch model.
+
+    Args:
+        content_rank: rank of each branch's content LoRA on the block Linears (0 = no content LoRA).
+        content_alpha: LoRA alpha of the content adapters (scale = alpha / rank); `None` means alpha = rank.
+        joint_rank: rank of the direction-specific LoRAs on the joint module's Q/K/V (and `to_out` in double blocks).
+        joint_alpha: LoRA alpha of the joint adapters; `None` means alpha = rank (the release: 4 / 4 = 1).
+        joint_placement: `"single"` = the 38 single-stream blocks (paper), `"all"` = all 57 blocks (release).
+        joint_post: `"linear"` = one bias-free zero-initialised D×D Linear applied to each direction (release
+            `conv1n`); `"mlp"` = the paper's g: concat of both messages -> Linear -> GELU -> Linear (zero-init)
+            -> split.
+        joint_mlp_ratio: hidden width of the `mlp` post projection as a fraction of 2·D.
+        noise: `"independent"` = one draw of shape [2N, ...] (release), `"shared"` = the same noise tensor in both
+            branches (paper: "two same random noise tensors").
+    """
+
+    content_rank: int = 0
+    content_alpha: float | None = None
+    joint_rank: int = 4
+    joint_alpha: float | None = None
+    joint_placement: Literal["single", "all"] = "all"
+    joint_post: Literal["linear", "mlp"] = "linear"
+    joint_mlp_ratio: float = 0.125
+    noise: Literal["independent", "shared"] = "independent"
+
+    def __post_init__(self):
+        checks = [
+            ("content_rank", self.content_rank >= 0, "an integer >= 0"),
+            ("joint_rank", self.joint_rank >= 1, "an integer >= 1"),
+            ("joint_placement", self.joint_placement in ("single", "all"), "'single' or 'all'"),
+            ("joint_post", self.joint_post in ("linear", "mlp"), "'linear' or 'mlp'"),
+            ("joint_mlp_ratio", 0 < self.joint_mlp_ratio <= 4, "a number in (0, 4]"),
+            ("noise", self.noise in ("independent", "shared"), "'independent' or 'shared'"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"DualBranchConfig `{name}` must be {expected} but got {getattr(self, name)!r}.")
+
+    @classmethod
+    def release(cls) -> DualBranchConfig:
+        """The official release: no content LoRA, joint r=4 in all 57 blocks, linear post, independent noise."""
+        return cls(content_rank=0, joint_rank=4, joint_placement="all", joint_post="linear", noise="independent")
+
+    @classmethod
+    def paper(cls) -> DualBranchConfig:
+        """The paper: content LoRA r=64, joint module in the single blocks, MLP post g, shared noise."""
+        return cls(content_rank=64, joint_rank=4, joint_placement="single", joint_post="mlp", noise="shared")
+
+    @classmethod
+    def preset(cls, name: str) -> DualBranchConfig:
+        presets = {"release": cls.release, "paper": cls.paper}
+        if name not in presets:
+            raise ValueError(f"Unknown BFS preset {name!r}; choose one of {sorted(presets)}.")
+        return presets[name]()
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DualBranchConfig:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"BFS config has unknown fields {unknown}; this pack knows {sorted(known)}.")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-branch LoRA
+
+
+def _split_branches(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.shape[0] % 2:
+        raise ValueError(
+            f"The dual-branch transformer needs an even batch (N composite rows then N foreground rows) but got "
+            f"{x.shape[0]} rows."
+        )
+    n = x.shape[0] // 2
+    return x[:n], x[n:]
+
+
+class _BranchLoRAMixin:
+    """Holds `lora_A` / `lora_B` ModuleDicts keyed by branch; rows [0, N) use `comp`, rows [N, 2N) use `fg`."""
+
+    lora_A: nn.ModuleDict
+    lora_B: nn.ModuleDict
+    lora_scale: float
+
+    def _init_branch_lora(self, in_features: int, out_features: int, rank: int, alpha: float | None, like: Any):
+        factory = {"device": like.device, "dtype": like.dtype}
+        self.lora_A = nn.ModuleDict({b: nn.Linear(in_features, rank, bias=False, **factory) for b in BRANCHES})
+        self.lora_B = nn.ModuleDict({b: nn.Linear(rank, out_features, bias=False, **factory) for b in BRANCHES})
+        self.lora_scale = (alpha if alpha is not None else rank) / rank
+        for b in BRANCHES:
+            # peft's default init: A Kaiming-uniform, B zero, so a fresh adapter adds exactly nothing.
+            nn.init.kaiming_uniform_(self.lora_A[b].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[b].weight)
+
+    # The batch layout makes the two halves contiguous: [2N, S, C] reshapes (no copy) to [2, N·S, C], so both
+    # branches' adapters run as one batched matmul and the add fuses into it (baddbmm) — no per-branch copies.
+    def lora_down(self, x: torch.Tensor) -> torch.Tensor:
+        """A_branch(x) for each half: [2N, S, in] -> [2, N·S, r]."""
+        if x.shape[0] % 2:
+            _split_branches(x)  # raises the batch-layout error
+        a = torch.stack([self.lora_A[b].weight for b in BRANCHES]).to(x.dtype)  # [2, r, in]
+        return torch.bmm(x.reshape(2, -1, x.shape[-1]), a.transpose(1, 2))
+
+    def lora_add(self, y: torch.Tensor, down: torch.Tensor, lora_B: dict[str, torch.Tensor] | None = None):
+        """y + scale · B_branch(down) for each half: y [2N, S, out], down [2, N·S, r] -> [2N, S, out]."""
+        weights = [self.lora_B[b].weight if lora_B is None else lora_B[b] for b in BRANCHES]
+        b = torch.stack(weights).to(y.dtype)  # [2, out, r]
+        out = torch.baddbmm(y.reshape(2, -1, y.shape[-1]), down, b.transpose(1, 2), alpha=self.lora_scale)
+        return out.view(y.shape)
+
+
+class BranchLoRALinear(nn.Linear, _BranchLoRAMixin):
+    """An `nn.Linear` (class swapped in place) with one LoRA per branch. Keys stay `<name>.weight`/`<name>.bias`."""
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_add(self.base_forward(x), self.lora_down(x))
+
+
+class BranchLoRA(nn.Module, _BranchLoRAMixin):
+    """A standalone per-branch adapter pair (the joint module's direction-specific LoRAs)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float | None, like: torch.Tensor):
+        super().__init__()
+        self._init_branch_lora(in_features, out_features, rank, alpha, like)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The delta alone: B_branch(A_branch(x)) · scale, [2N, S, in] -> [2N, S, out]."""
+        return self.lora_add(x.new_zeros(*x.shape[:-1], self.lora_B["comp"].weight.shape[0]), self.lora_down(x))
+
+
+def _base_and_content(linear: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frozen base projection, base + content-LoRA delta): the fast path shares the base with the joint module."""
+    base = F.linear(x, linear.weight, linear.bias)
+    if isinstance(linear, BranchLoRALinear):
+        return base, linear.lora_add(base, linear.lora_down(x))
+    return base, base
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The joint (information-sharing) module
+
+
+def _attention(attn: nn.Module, q, k, v) -> torch.Tensor:
+    """SDPA on the [B, S, H, D] layout through diffusers' dispatcher, honouring the block's attention backend."""
+    backend = getattr(attn.processor, "_attention_backend", None)
+    parallel = getattr(attn.processor, "_parallel_config", None)
+    return dispatch_attention_fn(q, k, v, backend=backend, parallel_config=parallel)
+
+
+def _heads_norm_rope(x: torch.Tensor, head_dim: int, norm: nn.Module | None, rope) -> torch.Tensor:
+    x = x.unflatten(-1, (-1, head_dim))  # [B, S, H*D] -> [B, S, H, D]
+    if norm is not None:
+        x = norm(x)
+    if rope is not None:
+        x = apply_rotary_emb(x, rope, sequence_dim=1)
+    return x
+
+
+def _cross_attention(attn: nn.Module, q, k, v) -> torch.Tensor:
+    """Each half of the queries attends to the *other* half's keys/values (views, no swapped copies)."""
+    (q_comp, q_fg), (k_comp, k_fg), (v_comp, v_fg) = _split_branches(q), _split_branches(k), _split_branches(v)
+    return torch.cat([_attention(attn, q_comp, k_fg, v_fg), _attention(attn, q_fg, k_comp, v_comp)], dim=0)
+
+
+class JointPostMLP(nn.Module):
+    """The paper's g: [Z_{F->C}, Z_{C->F}] (channel concat) -> Linear -> GELU -> Linear (zero-init) -> split."""
+
+    def __init__(self, dim: int, hidden: int, like: torch.Tensor):
+        super().__init__()
+        factory = {"device": like.device, "dtype": like.dtype}
+        self.fc1 = nn.Linear(2 * dim, hidden, **factory)
+        self.fc2 = nn.Linear(hidden, 2 * dim, **factory)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, messages: torch.Tensor) -> torch.Tensor:
+        to_comp, to_fg = _split_branches(messages)  # [N, S, D] each
+        out = self.fc2(F.gelu(self.fc1(torch.cat([to_comp, to_fg], dim=-1)), approximate="tanh"))
+        delta_comp, delta_fg = out.chunk(2, dim=-1)
+        return torch.cat([delta_comp, delta_fg], dim=0)
+
+
+class JointAttention(nn.Module):
+    """Cross-branch attention of one block: each branch's queries attend to the other branch's keys/values.
+
+    Args:
+        dim: model width D.
+        head_dim: attention head width.
+        rank: rank of the direction-specific LoRAs.
+        alpha: LoRA alpha (`None` = rank).
+        has_out: double blocks project the message with the block's `to_out` (+ its own LoRA); single blocks do not.
+        post: `"linear"` or `"mlp"` (see `DualBranchConfig`).
+        mlp_hidden: hidden width of the `mlp` post projection.
+        like: a tensor whose device/dtype the new parameters take.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        head_dim: int,
+        rank: int,
+        alpha: float | None,
+        has_out: bool,
+        post: str,
+        mlp_hidden: int,
+        like: torch.Tensor,
+    ):
+        super().__init__()
+        self.head_dim = head_dim
+        self.to_q = BranchLoRA(dim, dim, rank, alpha, like)
+        self.to_k = BranchLoRA(dim, dim, rank, alpha, like)
+        self.to_v = BranchLoRA(dim, dim, rank, alpha, like)
+        self.to_out = BranchLoRA(dim, dim, rank, alpha, like) if has_out else None
+        if post == "linear":
+            self.post = nn.Linear(dim, dim, bias=False, device=like.device, dtype=like.dtype)
+            nn.init.zeros_(self.post.weight)
+        else:
+            self.post = JointPostMLP(dim, mlp_hidden, like)
+        # `base` holds private copies of the frozen projections only when a checkpoint supplied base weights that
+        # differ from the block's own (release `attn1n.*.base_layer`). Normally it is None and the block's own
+        # weights are used, which is what lets the block share its projections with this module.
+        self.base: nn.ModuleDict | None = None
+        # Inference-only cache: the linear post folded into `to_out` (double blocks), see `fold_post`.
+        self._folded: dict[str, Any] | None = None
+        # False when the post projection is exactly zero: the module then adds exactly nothing and is skipped.
+        self.active = True
+        # True: reuse the block's base Q/K/V projections (fast path). False: recompute them (reference path).
+        self.share_base_projections = True
+
+    # -- base weights ------------------------------------------------------------------------------------------------
+    def detach_base(self, attn: nn.Module) -> None:
+        """Give this module private copies of the block's current projections/norms (before the block's change)."""
+        names = ["to_q", "to_k", "to_v", "norm_q", "norm_k"] + (["to_out"] if self.to_out is not None else [])
+        copies = {}
+        for name in names:
+            src = attn.to_out[0] if name == "to_out" else getattr(attn, name)
+            if isinstance(src, nn.Linear):
+                dst = nn.Linear(
+                    src.in_features,
+                    src.out_features,
+                    bias=src.bias is not None,
+                    device=src.weight.device,
+                    dtype=src.weight.dtype,
+                )
+            else:
+                dst = nn.RMSNorm(src.normalized_shape, eps=src.eps, device=src.weight.device, dtype=src.weight.dtype)
+            dst.load_state_dict({k: v.detach().clone() for k, v in src.state_dict().items()})
+            dst.requires_grad_(False)
+            copies[name] = dst
+        self.base = nn.ModuleDict(copies)
+
+    def _base_linear(self, attn: nn.Module, name: str) -> nn.Linear:
+        if self.base is not None:
+            return self.base[name]
+        return attn.to_out[0] if name == "to_out" else getattr(attn, name)
+
+    def _norm(self, attn: nn.Module, name: str) -> nn.Module:
+        return self.base[name] if self.base is not None else getattr(attn, name)
+
+    # -- post projection ---------------------------------------------------------------------------------------------
+    def fold_post(self, attn: nn.Module) -> None:
+        """Fold the bias-free linear post into `to_out` (double blocks): W_c(W_o o + b_o + B A o) = (W_c W_o) o +
+        W_c b_o + (W_c B) A o. Saves one D×D matmul per image token; exact up to float rounding. Inference only."""
+        if self.to_out is None or not isinstance(self.post, nn.Linear):
+            return
+        out = self._base_linear(attn, "to_out")
+        w_post = self.post.weight.float()
+        self._folded = {
+            "weight": (w_post @ out.weight.float()).to(out.weight.dtype),
+            "bias": None if out.bias is None else (w_post @ out.bias.float()).to(out.weight.dtype),
+            "lora_B": {b: (w_post @ self.to_out.lora_B[b].weight.float()).to(out.weight.dtype) for b in BRANCHES},
+        }
+
+    def unfold_post(self) -> None:
+        self._folded = None
+
+    def _project_out_and_post(self, attn: nn.Module, messages: torch.Tensor) -> torch.Tensor:
+        if self.to_out is not None:
+            down = self.to_out.lora_down(messages)
+            if self._folded is not None:
+                f = self._folded
+                return self.to_out.lora_add(F.linear(messages, f["weight"], f["bias"]), down, f["lora_B"])
+            out = self._base_linear(attn, "to_out")
+            messages = self.to_out.lora_add(F.linear(messages, out.weight, out.bias), down)
+        return self.post(messages)
+
+    # -- forward -----------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        normed: torch.Tensor,
+        attn: nn.Module,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        base_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Cross-branch messages for one block.
+
+        Args:
+            normed: the block's modulated input tokens, [2N, S, D] (comp rows then fg rows).
+            attn: the block's `FluxAttention` (frozen base projections and q/k norms).
+            rope: the (cos, sin) table for these S tokens, shared by both branches so positions align.
+            base_qkv: the block's base projections of `normed` ([2N, S, D] each), already computed for its
+                self-attention (fast path). `None` recomputes them (reference path).
+
+        Returns:
+            [2N, S, D]: rows [0, N) are added to the composite branch, rows [N, 2N) to the foreground branch.
+        """
+        if base_qkv is None or self.base is not None or not self.share_base_projections:
+            base_qkv = tuple(
+                F.linear(normed, lin.weight, lin.bias)
+                for lin in (self._base_linear(attn, n) for n in ("to_q", "to_k", "to_v"))
+            )
+        base_q, base_k, base_v = base_qkv
+        # Each token is projected with the adapter of its own branch (one fused down-projection for q, k, v); the
+        # queries of each branch then attend to the other branch's keys and values.
+        rank = self.to_q.lora_A["comp"].weight.shape[0]
+        a_qkv = torch.cat(
+            [torch.stack([lora.lora_A[b].weight for b in BRANCHES]) for lora in (self.to_q, self.to_k, self.to_v)],
+            dim=1,
+        ).to(normed.dtype)  # [2, 3r, D]
+        down = torch.bmm(normed.reshape(2, -1, normed.shape[-1]), a_qkv.transpose(1, 2))  # [2, N·S, 3r]
+        q, k, v = (
+            lora.lora_add(base, down[..., i * rank : (i + 1) * rank])
+            for i, (lora, base) in enumerate(zip((self.to_q, self.to_k, self.to_v), base_qkv))
+        )
+        q = _heads_norm_rope(q, self.head_dim, self._norm(attn, "norm_q"), rope)
+        k = _heads_norm_rope(k, self.head_dim, self._norm(attn, "norm_k"), rope)
+        v = v.unflatten(-1, (-1, self.head_dim))
+        messages = _cross_attention(attn, q, k, v).flatten(2, 3).to(q.dtype)  # [2N, S, H, D] -> [2N, S, H*D]
+        return self._project_out_and_post(attn, messages)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Blocks with the joint module (class swapped in place on the diffusers blocks)
+
+
+def _check_block_kwargs(joint_attention_kwargs: dict[str, Any] | None) -> None:
+    if joint_attention_kwargs:
+        raise ValueError(
+            f"The dual-branch Flux blocks take no joint_attention_kwargs but got {sorted(joint_attention_kwargs)}. "
+            "Attention masks (e.g. Redux 'attn_bias' strength) are not supported; use strength_type 'multiply'."
+        )
+
+
+class DualSingleBlock(FluxSingleTransformerBlock):
+    """`FluxSingleTransformerBlock` plus the joint module (`self.joint`) added to the attention output."""
+
+    # Adapted from diffusers.models.transformers.transformer_flux.FluxSingleTransformerBlock.forward and
+    # FluxAttnProcessor.__call__ (diffusers 0.42.1), written out so the base projections are shared with `joint`.
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        _check_block_kwargs(joint_attention_kwargs)
+        text_seq_len = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # text first, then image
+        residual = hidden_states
+        normed, gate = self.norm(hidden_states, emb=temb)
+        mlp_hidden_states = self.act_mlp(self.proj_mlp(normed))
+
+        attn = self.attn
+        (base_q, q), (base_k, k), (base_v, v) = (
+            _base_and_content(lin, normed) for lin in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        q = _heads_norm_rope(q, attn.head_dim, attn.norm_q, image_rotary_emb)
+        k = _heads_norm_rope(k, attn.head_dim, attn.norm_k, image_rotary_emb)
+        v = v.unflatten(-1, (-1, attn.head_dim))
+        attn_output = _attention(attn, q, k, v).flatten(2, 3).to(q.dtype)
+        if self.joint.active:
+            attn_output = attn_output + self.joint(normed, attn, image_rotary_emb, (base_q, base_k, base_v))
+
+        hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
+        hidden_states = residual + gate.unsqueeze(1) * self.proj_out(hidden_states)
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+class DualDoubleBlock(FluxTransformerBlock):
+    """`FluxTransformerBlock` plus the joint module on image tokens, added after `to_out`, before the gate."""
+
+    # Adapted from diffusers.models.transformers.transformer_flux.FluxTransformerBlock.forward and
+    # FluxAttnProcessor.__call__ (diffusers 0.42.1), written out so the base projections are shared with `joint`.
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        _check_block_kwargs(joint_attention_kwargs)
+        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+        normed_ctx, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
+            encoder_hidden_states, emb=temb
+        )
+
+        attn = self.attn
+        text_seq_len = encoder_hidden_states.shape[1]
+        (base_q, q), (base_k, k), (base_v, v) = (
+            _base_and_content(lin, normed) for lin in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        q = torch.cat(
+            [
+                _heads_norm_rope(attn.add_q_proj(normed_ctx), attn.head_dim, attn.norm_added_q, None),
+                _heads_norm_rope(q, attn.head_dim, attn.norm_q, None),
+            ],
+            dim=1,
+        )
+        k = torch.cat(
+            [
+                _heads_norm_rope(attn.add_k_proj(normed_ctx), attn.head_dim, attn.norm_added_k, None),
+                _heads_norm_rope(k, attn.head_dim, attn.norm_k, None),
+            ],
+            dim=1,
+        )
+        v = torch.cat([attn.add_v_proj(normed_ctx), v], dim=1).unflatten(-1, (-1, attn.head_dim))
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        attended = _attention(attn, q, k, v).flatten(2, 3).to(q.dtype)
+        context_attn_output, attn_output = attended[:, :text_seq_len], attended[:, text_seq_len:]
+        attn_output = attn.to_out[1](attn.to_out[0](attn_output.contiguous()))
+        context_attn_output = attn.to_add_out(context_attn_output.contiguous())
+        if self.joint.active:
+            # Image tokens only; the image part of the rotary table equals a table built from img_ids alone.
+            rope_img = None if image_rotary_emb is None else tuple(t[text_seq_len:] for t in image_rotary_emb)
+            attn_output = attn_output + self.joint(normed, attn, rope_img, (base_q, base_k, base_v))
+
+        hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
+        normed = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(normed)
+
+        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
+        normed_ctx = self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(normed_ctx)
+        if encoder_hidden_states.dtype == torch.float16:
+            encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+        return encoder_hidden_states, hidden_states
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Patching (instance-local and reversible)
+
+
+def _module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def _joint_blocks(transformer: FluxTransformer2DModel, placement: str) -> list[tuple[str, nn.Module]]:
+    blocks = [(f"single_transformer_blocks.{i}", b) for i, b in enumerate(transformer.single_transformer_blocks)]
+    if placement == "all":
+        blocks = [(f"transformer_blocks.{i}", b) for i, b in enumerate(transformer.transformer_blocks)] + blocks
+    return blocks
+
+
+def _content_targets(transformer: FluxTransformer2DModel) -> list[str]:
+    paths = [
+        f"transformer_blocks.{i}.{t}" for i in range(len(transformer.transformer_blocks)) for t in DOUBLE_BLOCK_TARGETS
+    ]
+    paths += [
+        f"single_transformer_blocks.{i}.{t}"
+        for i in range(len(transformer.single_transformer_blocks))
+        for t in SINGLE_BLOCK_TARGETS
+    ]
+    return paths
+
+
+def patch_dual_branch(transformer: FluxTransformer2DModel, config: DualBranchConfig) -> FluxTransformer2DModel:
+    """Turn this transformer instance into the BFS dual-branch model in place (see the module docstring).
+
+    New parameters start at values that leave the model's output unchanged (LoRA B = 0, post projection = 0).
+    They are created in the dtype/device of the weights they sit beside. Returns the same instance.
+    """
+    if not isinstance(transformer, FluxTransformer2DModel):
+        raise ValueError(f"`transformer` must be a diffusers FluxTransformer2DModel but got {type(transformer)}.")
+    if getattr(transformer, "_bfs_config", None) is not None:
+        raise ValueError("This transformer is already patched for BFS; call `unpatch_dual_branch` first.")
+    dim = transformer.inner_dim
+    head_dim = transformer.config.attention_head_dim
+    mlp_hidden = max(1, round(config.joint_mlp_ratio * 2 * dim))
+
+    if config.content_rank > 0:
+        for path in _content_targets(transformer):
+            linear = _module(transformer, path)
+            if type(linear) is not nn.Linear:
+                raise ValueError(f"Expected a plain nn.Linear at `{path}` but found {type(linear).__name__}.")
+            linear.__class__ = BranchLoRALinear
+            linear._init_branch_lora(
+                linear.in_features, linear.out_features, config.content_rank, config.content_alpha, linear.weight
+            )
+
+    for name, block in _joint_blocks(transformer, config.joint_placement):
+        is_double = isinstance(block, FluxTransformerBlock)
+        block._bfs_original_class = block.__class__
+        block.__class__ = DualDoubleBlock if is_double else DualSingleBlock
+        block.joint = JointAttention(
+            dim=dim,
+            head_dim=head_dim,
+            rank=config.joint_rank,
+            alpha=config.joint_alpha,
+            has_out=is_double,
+            post=config.joint_post,
+            mlp_hidden=mlp_hidden,
+            like=block.attn.to_q.weight,
+        )
+    transformer._bfs_config = config
+    return transformer
+
+
+def unpatch_dual_branch(transformer: FluxTransformer2DModel) -> FluxTransformer2DModel:
+    """Undo `patch_dual_branch`: restore block and Linear classes and drop every BFS parameter."""
+    if getattr(transformer, "_bfs_config", None) is None:
+        raise ValueError("This transformer is not patched for BFS; nothing to undo.")
+    for module in transformer.modules():
+        if isinstance(module, BranchLoRALinear):
+            del module.lora_A, module.lora_B, module.lora_scale
+            module.__class__ = nn.Linear
+    for _, block in _joint_blocks(transformer, "all"):
+        if hasattr(block, "joint"):
+            del block.joint
+            block.__class__ = block._bfs_original_class
+            del block._bfs_original_class
+    transformer._bfs_config = None
+    return transformer
+
+
+def dual_branch_config(transformer: FluxTransformer2DModel) -> DualBranchConfig | None:
+    return getattr(transformer, "_bfs_config", None)
+
+
+def parameter_group(name: str) -> Literal["comp", "fg", "joint", "base"]:
+    """The trainable group of a transformer parameter: content LoRA `comp`/`fg`, `joint`, or frozen `base`."""
+    parts = name.split(".")
+    if "joint" in parts:
+        return "base" if ".joint.base." in f".{name}" else "joint"
+    for branch in BRANCHES:
+        if f"lora_A.{branch}.weight" in name or f"lora_B.{branch}.weight" in name:
+            return branch
+    return "base"
+
+
+def bfs_state_dict(transformer: FluxTransformer2DModel) -> dict[str, torch.Tensor]:
+    """Every parameter patching added (content LoRAs, joint modules, private base copies), transformer-relative."""
+    return {k: v for k, v in transformer.state_dict().items() if parameter_group(k) != "base" or ".joint.base." in k}
+
+
+def set_trainable(transformer: FluxTransformer2DModel, groups: set[str] | frozenset[str]) -> list[nn.Parameter]:
+    """Freeze everything, then make exactly the parameters of `groups` (subset of {comp, fg, joint}) trainable."""
+    unknown = set(groups) - {"comp", "fg", "joint"}
+    if unknown:
+        raise ValueError(f"Trainable groups must be among 'comp', 'fg', 'joint' but got {sorted(unknown)}.")
+    trainable = []
+    for name, param in transformer.named_parameters():
+        param.requires_grad_(parameter_group(name) in groups)
+        if param.requires_grad:
+            trainable.append(param)
+    return trainable
+
+
+def prepare_for_inference(transformer: FluxTransformer2DModel, fold: bool = True) -> dict[str, int]:
+    """Skip joint modules whose post projection is exactly zero (identical numerics) and fold linear posts.
+
+    Call again after changing weights. Returns counts of active/skipped joint modules.
+    """
+    counts = {"active": 0, "skipped": 0}
+    for _, block in _joint_blocks(transformer, "all"):
+        joint = getattr(block, "joint", None)
+        if joint is None:
+            continue
+        last = joint.post if isinstance(joint.post, nn.Linear) else joint.post.fc2
+        zero = not torch.any(last.weight) and (getattr(last, "bias", None) is None or not torch.any(last.bias))
+        joint.active = not zero
+        counts["active" if joint.active else "skipped"] += 1
+        joint.unfold_post()
+        if fold and joint.active:
+            joint.fold_post(block.attn)
+    return counts
+
+
+def reset_inference_state(transformer: FluxTransformer2DModel) -> None:
+    """Undo `prepare_for_inference` (every joint module active, nothing folded): use before training."""
+    for _, block in _joint_blocks(transformer, "all"):
+        joint = getattr(block, "joint", None)
+        if joint is not None:
+            joint.active = True
+            joint.unfold_post()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public model
+
+
+def _as_rows(value: torch.Tensor | float, n: int, name: str, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(value, device=like.device, dtype=torch.float32)
+    if t.ndim == 0:
+        return t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"`{name}` must be a number or a tensor of shape [{n}] but got shape {list(t.shape)}.")
+    return t
+
+
+class DualBranchFlux(nn.Module):
+    """BFS: a FluxTransformer2DModel (FLUX.1-Fill-dev) patched for a composite and a foreground branch.
+
+    Args:
+        transformer: a diffusers `FluxTransformer2DModel` with the Fill input layout (384 channels). It is patched in
+            place (see `patch_dual_branch`) unless it is already patched with the same config.
+        config: a `DualBranchConfig` (e.g. `DualBranchConfig.release()` or `.paper()`).
+    """
+
+    def __init__(self, transformer: FluxTransformer2DModel, config: DualBranchConfig):
+        super().__init__()
+        current = dual_branch_config(transformer)
+        if current is None:
+            patch_dual_branch(transformer, config)
+        elif current != config:
+            raise ValueError(f"The transformer is already patched with {current}, not {config}.")
+        self.transformer = transformer
+        self.config = config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.out_channels  # packed: 16 latent channels × 2 × 2
+
+    def check_conditioning(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+        cfg = self.transformer.config
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.joint_attention_dim:
+            raise ValueError(
+                f"Text conditioning must be [batch, tokens, {cfg.joint_attention_dim}] (Flux T5-XXL embeddings) but "
+                f"got {list(prompt_embeds.shape)}. Encode the prompt with Flux's text encoders (T5-XXL + CLIP-L)."
+            )
+        if pooled.ndim != 2 or pooled.shape[-1] != cfg.pooled_projection_dim:
+            raise ValueError(
+                f"Pooled conditioning must be [batch, {cfg.pooled_projection_dim}] (CLIP-L pooled output) but got "
+                f"{list(pooled.shape)}. Encode the prompt with Flux's text encoders (T5-XXL + CLIP-L)."
+            )
+
+    def forward(
+        self,
+        comp_latents: torch.Tensor,
+        fg_latents: torch.Tensor,
+        fill_cond: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        timestep_comp: torch.Tensor | float,
+        timestep_fg: torch.Tensor | float,
+        img_ids: torch.Tensor,
+        guidance: torch.Tensor | float = 30.0,
+        txt_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Velocities of both branches in one transformer call.
+
+        Args:
+            comp_latents, fg_latents: packed noisy latents, [N, L, 64] each (L = (H/16)·(W/16)).
+            fill_cond: Flux-Fill conditioning shared by both branches, [N, L, 320] = image latent 64 | mask 256.
+            prompt_embeds: [N, T, joint_dim]; pooled: [N, pooled_dim] (the same for both branches).
+            timestep_comp, timestep_fg: sigma in [0, 1] per branch (number or [N]); e.g. comp 0 for extraction.
+            img_ids: [L, 3] image position ids; txt_ids: [T, 3] (zeros when None).
+            guidance: distilled guidance (30 for Fill), number or [N].
+
+        Returns:
+            (v_comp, v_fg), each [N, L, 64].
+        """
+        n, length, channels = comp_latents.shape
+        if fg_latents.shape != comp_latents.shape:
+            raise ValueError(
+                f"`fg_latents` {list(fg_latents.shape)} must match `comp_latents` {list(comp_latents.shape)}."
+            )
+        cond_channels = self.transformer.config.in_channels - channels
+        if fill_cond.shape != (n, length, cond_channels):
+            raise ValueError(f"`fill_cond` must be [{n}, {length}, {cond_channels}] but got {list(fill_cond.shape)}.")
+        self.check_conditioning(prompt_embeds, pooled)
+        if prompt_embeds.shape[0] != n or pooled.shape[0] != n:
+            raise ValueError(f"Text conditioning has batch {prompt_embeds.shape[0]}/{pooled.shape[0]}, expected {n}.")
+        if txt_ids is None:
+            txt_ids = prompt_embeds.new_zeros(prompt_embeds.shape[1], 3)
+        # [N, L, 64] ×2 -> [2N, L, 384]: comp rows first, then fg rows, each with the shared Fill conditioning.
+        hidden = torch.cat([torch.cat([comp_latents, fill_cond], -1), torch.cat([fg_latents, fill_cond], -1)], 0)
+        timestep = torch.cat(
+            [_as_rows(timestep_comp, n, "timestep_comp", hidden), _as_rows(timestep_fg, n, "timestep_fg", hidden)]
+        )
+        guidance_rows = _as_rows(guidance, n, "guidance", hidden).repeat(2)
+        out = self.transformer(
+            hidden_states=hidden,
+            encoder_hidden_states=prompt_embeds.repeat(2, 1, 1),
+            pooled_projections=pooled.repeat(2, 1),
+            timestep=timestep.to(hidden.dtype),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance_rows if self.transformer.config.guidance_embeds else None,
+            return_dict=False,
+        )[0]
+        return out[:n], out[n:]

@@ -1,0 +1,269 @@
+"""The dual-branch transformer: zero-init, branch isolation, fast path, per-branch timesteps, training groups."""
+
+import pytest
+import torch
+from conftest import TINY_FLUX, dual_inputs, make_tiny_flux, randomize_bfs_parameters
+
+from bfs_core.models.dual_flux import (
+    BranchLoRALinear,
+    DualBranchConfig,
+    DualBranchFlux,
+    DualDoubleBlock,
+    DualSingleBlock,
+    JointAttention,
+    bfs_state_dict,
+    parameter_group,
+    patch_dual_branch,
+    prepare_for_inference,
+    reset_inference_state,
+    set_trainable,
+    unpatch_dual_branch,
+)
+
+
+PRESETS = [DualBranchConfig.release(), DualBranchConfig.paper()]
+
+
+def plain_branch(transformer, latents, inputs, timestep):
+    """Unpatched Flux-Fill on one branch alone (batch N), the reference the dual model must reproduce."""
+    n = latents.shape[0]
+    return transformer(
+        hidden_states=torch.cat([latents, inputs["fill_cond"]], -1),
+        encoder_hidden_states=inputs["prompt_embeds"],
+        pooled_projections=inputs["pooled"],
+        timestep=timestep,
+        img_ids=inputs["img_ids"],
+        txt_ids=torch.zeros(inputs["prompt_embeds"].shape[1], 3),
+        guidance=torch.full((n,), 30.0),
+        return_dict=False,
+    )[0]
+
+
+@torch.no_grad()
+def run(model, inputs):
+    return model(**inputs)
+
+
+@pytest.mark.parametrize("config", PRESETS, ids=["release", "paper"])
+def test_fresh_patch_gives_plain_flux_fill_on_both_branches(config):
+    transformer = make_tiny_flux()
+    inputs = dual_inputs(n=2)
+    with torch.no_grad():
+        ref_comp = plain_branch(transformer, inputs["comp_latents"], inputs, inputs["timestep_comp"])
+        ref_fg = plain_branch(transformer, inputs["fg_latents"], inputs, inputs["timestep_fg"])
+    v_comp, v_fg = run(DualBranchFlux(transformer, config), inputs)
+    assert ref_comp.abs().mean() > 0.1  # the model is not trivially zero
+    assert torch.equal(v_comp, ref_comp) or (v_comp - ref_comp).abs().max() < 1e-5
+    assert (v_fg - ref_fg).abs().max() < 1e-5
+
+
+def test_presets_place_modules_as_documented():
+    t = make_tiny_flux()
+    patch_dual_branch(t, DualBranchConfig.release())
+    assert all(isinstance(b, DualDoubleBlock) for b in t.transformer_blocks)
+    assert all(isinstance(b, DualSingleBlock) for b in t.single_transformer_blocks)
+    assert not any(isinstance(m, BranchLoRALinear) for m in t.modules())
+    assert t.transformer_blocks[0].joint.to_out is not None and t.single_transformer_blocks[0].joint.to_out is None
+    unpatch_dual_branch(t)
+    patch_dual_branch(t, DualBranchConfig.paper())
+    assert not any(hasattr(b, "joint") for b in t.transformer_blocks)
+    assert all(isinstance(b, DualSingleBlock) for b in t.single_transformer_blocks)
+    lora = t.single_transformer_blocks[1].attn.to_q
+    assert isinstance(lora, BranchLoRALinear) and lora.lora_A["comp"].weight.shape == (
+        64,
+        TINY_FLUX["attention_head_dim"] * 2,
+    )
+
+
+def test_unpatch_restores_modules_and_outputs():
+    transformer = make_tiny_flux()
+    inputs = dual_inputs()
+    keys = set(transformer.state_dict())
+    classes = [type(m) for m in transformer.modules()]
+    with torch.no_grad():
+        before = plain_branch(transformer, inputs["fg_latents"], inputs, inputs["timestep_fg"])
+    patch_dual_branch(transformer, DualBranchConfig.paper())
+    randomize_bfs_parameters(transformer)
+    unpatch_dual_branch(transformer)
+    assert set(transformer.state_dict()) == keys
+    assert [type(m) for m in transformer.modules()] == classes
+    with torch.no_grad():
+        after = plain_branch(transformer, inputs["fg_latents"], inputs, inputs["timestep_fg"])
+    assert torch.equal(before, after)
+    # A second, unrelated instance of the same classes was never touched.
+    other = make_tiny_flux()
+    assert not any(isinstance(m, (BranchLoRALinear, DualSingleBlock)) for m in other.modules())
+
+
+def test_content_lora_of_one_branch_never_reaches_the_other_when_joint_is_zero():
+    transformer = make_tiny_flux()
+    model = DualBranchFlux(transformer, DualBranchConfig.paper())
+    inputs = dual_inputs(n=2)
+    v_comp0, v_fg0 = run(model, inputs)
+    randomize_bfs_parameters(transformer, groups=("comp",))
+    v_comp1, v_fg1 = run(model, inputs)
+    assert torch.equal(v_fg1, v_fg0)
+    assert (v_comp1 - v_comp0).abs().max() > 1e-3
+    randomize_bfs_parameters(transformer, seed=5, groups=("fg",))
+    v_comp2, v_fg2 = run(model, inputs)
+    assert torch.equal(v_comp2, v_comp1)
+    assert (v_fg2 - v_fg1).abs().max() > 1e-3
+
+
+def test_content_lora_isolation_holds_for_gradients():
+    transformer = make_tiny_flux()
+    model = DualBranchFlux(transformer, DualBranchConfig.paper())
+    randomize_bfs_parameters(transformer, groups=("comp", "fg"))
+    set_trainable(transformer, {"comp", "fg"})
+    _, v_fg = model(**dual_inputs())
+    v_fg.square().mean().backward()  # a loss on fg rows only
+    grads = {n: p.grad for n, p in transformer.named_parameters() if p.requires_grad}
+    assert all(g is None or not g.any() for n, g in grads.items() if parameter_group(n) == "comp")
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if parameter_group(n) == "fg")
+
+
+@pytest.mark.parametrize("config", PRESETS, ids=["release", "paper"])
+def test_joint_fast_path_equals_reference_path(config):
+    transformer = make_tiny_flux()
+    model = DualBranchFlux(transformer, config)
+    randomize_bfs_parameters(transformer, std=0.1)
+    inputs = dual_inputs(n=2)
+    fast = run(model, inputs)
+    joints = [m for m in transformer.modules() if isinstance(m, JointAttention)]
+    for joint in joints:
+        joint.share_base_projections = False
+    reference = run(model, inputs)
+    for joint in joints:
+        joint.share_base_projections = True
+    # Both branches actually receive a message (the joint module is live).
+    for joint in joints:
+        joint.active = False
+    without_joint = run(model, inputs)
+    for f, r, w in zip(fast, reference, without_joint):
+        assert (f - r).abs().max() < 1e-5
+        assert (f - w).abs().max() > 1e-3
+
+
+def test_folded_post_and_zero_skipping_match_the_unfolded_model():
+    transformer = make_tiny_flux()
+    model = DualBranchFlux(transformer, DualBranchConfig.release())
+    randomize_bfs_parameters(transformer, std=0.1)
+    with torch.no_grad():  # the checkpoint leaves one module at zero: it must be skipped, numerics identical
+        transformer.transformer_blocks[1].joint.post.weight.zero_()
+    inputs = dual_inputs(n=2)
+    reference = run(model, inputs)
+    counts = prepare_for_inference(transformer)
+    assert counts == {"active": 3, "skipped": 1}
+    assert transformer.transformer_blocks[0].joint._folded is not None
+    folded = run(model, inputs)
+    for f, r in zip(folded, reference):
+        assert (f - r).abs().max() < 1e-5
+    reset_inference_state(transformer)
+    assert all(m.active and m._folded is None for m in transformer.modules() if isinstance(m, JointAttention))
+
+
+def test_joint_module_pairs_sample_k_with_sample_k():
+    """Row k of comp must only exchange messages with row N + k of fg (no mixing between samples)."""
+    transformer = make_tiny_flux()
+    model = DualBranchFlux(transformer, DualBranchConfig.release())
+    randomize_bfs_parameters(transformer, std=0.1)
+    inputs = dual_inputs(n=2)
+    v_comp, v_fg = run(model, inputs)
+    changed = dict(inputs, fg_latents=inputs["fg_latents"].clone())
+    changed["fg_latents"][1] += 1.0  # perturb sample 1's foreground only
+    w_comp, w_fg = run(model, changed)
+    assert torch.equal(w_comp[0], v_comp[0]) and torch.equal(w_fg[0], v_fg[0])
+    assert (w_comp[1] - v_comp[1]).abs().max() > 1e-4  # sample 1's composite hears its own foreground
+
+
+@pytest.mark.parametrize("config", PRESETS, ids=["release", "paper"])
+def test_per_branch_timestep_rows_equal_single_sample_runs(config):
+    transformer = make_tiny_flux()
+    model = DualBranchFlux(transformer, config)
+    randomize_bfs_parameters(transformer, std=0.1)
+    inputs = dual_inputs(n=3)
+    inputs["timestep_comp"] = torch.tensor([0.0, 0.3, 1.0])
+    inputs["timestep_fg"] = torch.tensor([0.5, 0.9, 0.0])
+    v_comp, v_fg = run(model, inputs)
+    for k in range(3):
+        alone = {name: (value[k : k + 1] if name != "img_ids" else value) for name, value in inputs.items()}
+        a_comp, a_fg = run(model, alone)
+        assert (a_comp[0] - v_comp[k]).abs().max() < 1e-5
+        assert (a_fg[0] - v_fg[k]).abs().max() < 1e-5
+    # The timestep really enters per row: the same sample at another comp timestep differs.
+    other = dict(inputs, timestep_comp=torch.tensor([0.7, 0.3, 1.0]))
+    assert (run(model, other)[0][0] - v_comp[0]).abs().max() > 1e-4
+
+
+def test_gradients_flow_to_exactly_the_trainable_parameters():
+    transformer = make_tiny_flux()
+    transformer.enable_gradient_checkpointing()
+    model = DualBranchFlux(transformer, DualBranchConfig.paper())
+    randomize_bfs_parameters(transformer, std=0.05)
+    for groups in ({"comp", "fg", "joint"}, {"comp"}, {"fg", "joint"}):
+        transformer.zero_grad(set_to_none=True)
+        params = set_trainable(transformer, groups)
+        trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
+        assert len(params) == len(trainable) > 0
+        assert {parameter_group(n) for n in trainable} == groups
+        v_comp, v_fg = model.train()(**dual_inputs())
+        (v_comp.square().mean() + v_fg.square().mean()).backward()
+        with_grad = {n for n, p in transformer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert with_grad == trainable
+    assert all(parameter_group(n) != "base" for n in bfs_state_dict(transformer))
+
+
+def test_bad_inputs_get_clear_errors():
+    model = DualBranchFlux(make_tiny_flux(), DualBranchConfig.release())
+    inputs = dual_inputs()
+    with pytest.raises(ValueError, match=r"Text conditioning must be \[batch, tokens, 32\]"):
+        run(model, dict(inputs, prompt_embeds=torch.randn(1, 6, 48)))
+    with pytest.raises(ValueError, match="Pooled conditioning"):
+        run(model, dict(inputs, pooled=torch.randn(1, 7)))
+    with pytest.raises(ValueError, match="fill_cond"):
+        run(model, dict(inputs, fill_cond=torch.randn(1, 16, 300)))
+    with pytest.raises(ValueError, match="already patched"):
+        patch_dual_branch(model.transformer, DualBranchConfig.release())
+    with pytest.raises(ValueError, match="joint_placement"):
+        DualBranchConfig(joint_placement="double")
+
+
+def test_config_json_round_trip():
+    for config in PRESETS:
+        assert DualBranchConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="unknown fields"):
+        DualBranchConfig.from_json('{"rank": 3}')
+
+
+def test_joint_attention_matches_equations_2_to_4_by_hand():
+    """Each branch's queries (own tokens, own-branch LoRA) attend to the other branch's keys/values."""
+    transformer = make_tiny_flux()
+    patch_dual_branch(transformer, DualBranchConfig.release())
+    randomize_bfs_parameters(transformer, std=0.2)
+    block = transformer.single_transformer_blocks[0]
+    attn, joint = block.attn, block.joint
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 64, generator=gen)  # [comp; fg] rows, 5 tokens, D = 64
+    with torch.no_grad():
+        got = joint(x, attn, rope=None)
+
+        def project(linear, lora, tokens, branch):
+            a, b = lora.lora_A[branch].weight, lora.lora_B[branch].weight
+            return tokens @ linear.weight.T + linear.bias + (tokens @ a.T) @ b.T
+
+        def rms(t, weight):  # per head, over the head dimension
+            return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+
+        def message(q_tokens, q_branch, kv_tokens, kv_branch):
+            q = project(attn.to_q, joint.to_q, q_tokens, q_branch).view(5, 2, 32).transpose(0, 1)
+            k = project(attn.to_k, joint.to_k, kv_tokens, kv_branch).view(5, 2, 32).transpose(0, 1)
+            v = project(attn.to_v, joint.to_v, kv_tokens, kv_branch).view(5, 2, 32).transpose(0, 1)
+            q, k = rms(q, attn.norm_q.weight), rms(k, attn.norm_k.weight)
+            weights = torch.softmax(q @ k.transpose(1, 2) / 32**0.5, dim=-1)
+            return (weights @ v).transpose(0, 1).reshape(5, 64) @ joint.post.weight.T
+
+        expected_comp = message(x[0], "comp", x[1], "fg")  # Z_{F->C}
+        expected_fg = message(x[1], "fg", x[0], "comp")  # Z_{C->F}
+    assert (got[0] - expected_comp).abs().max() < 1e-5
+    assert (got[1] - expected_fg).abs().max() < 1e-5
+    assert expected_comp.abs().mean() > 1e-3
