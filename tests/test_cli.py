@@ -1,0 +1,76 @@
+"""The headless commands, run as a user runs them (`python -m bfs_core ...`), on the tiny model set."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomllib
+import torch
+
+from bfs_core.bench import CPU_BENCH_CONFIG, BenchShape, step_flops
+from bfs_core.models.dual_flux import DualBranchConfig
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bfs(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "bfs_core", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("tiny")
+    lines = [line.split(": ", 1) for line in bfs("make-tiny", str(out)).splitlines() if ": " in line]
+    return {name: Path(path) for name, path in lines}
+
+
+def test_make_tiny_writes_every_format(tiny):
+    expected = {"diffusers", "bfl_bf16", "bfl_fp8", "bfl_fp8_scaled", "bfl_fp8_comfy_quant", "bfl_non_fill", "vae",
+                "text_encoders", "bfs_official_pt", "bfs_release", "bfs_paper"}  # fmt: skip
+    assert expected <= set(tiny)
+    assert all(path.exists() for path in tiny.values())
+    official = torch.load(tiny["bfs_official_pt"], weights_only=True)
+    assert all(".attn1n." in k or k.endswith(".conv1n.weight") for k in official)
+
+
+def test_convert_then_generate_end_to_end(tiny, tmp_path):
+    converted = tmp_path / "bfs.safetensors"
+    assert "written" in bfs("convert", str(tiny["bfs_official_pt"]), str(converted))
+    from PIL import Image
+
+    Image.new("RGB", (96, 80), (100, 150, 200)).save(tmp_path / "bg.png")
+    out = bfs("generate", "--base", str(tiny["bfl_fp8_scaled"]), "--vae", str(tiny["vae"]), "--text-encoders",
+              str(tiny["text_encoders"]), "--bfs", str(converted), "--background", str(tmp_path / "bg.png"),
+              "--box", "10,20,60,70", "--prompt", "a red cube", "--steps", "2", "--dtype", "fp32", "--out",
+              str(tmp_path / "out"))  # fmt: skip
+    written = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    assert Image.open(written["composite"]).size == (96, 80)
+    mask = torch.from_numpy(np.array(Image.open(written["mask"]))).bool()
+    assert mask[20:70, 10:60].all() and mask.sum() == 50 * 50
+
+
+def test_step_flops_matches_a_hand_count():
+    cfg = dict(CPU_BENCH_CONFIG, num_layers=1, num_single_layers=1, num_attention_heads=1, attention_head_dim=4,
+               in_channels=8, joint_attention_dim=2, out_channels=3)  # fmt: skip
+    shape = BenchShape(text_tokens=2, latent_h=4, latent_w=2)  # 2 image tokens, S = 4, D = 4
+    d, s, t, img = 4, 4, 2, 2
+    embed = 2 * img * 8 * d + 2 * t * 2 * d + 2 * img * d * 3
+    block = 24 * s * d * d + 4 * s * s * d
+    plain = embed + 2 * block
+    assert step_flops(cfg, shape, None) == plain
+    release = DualBranchConfig.release()  # rank 4: LoRA of a D×D projection costs 2·tokens·4·(D + D)
+    joint_single = 3 * 2 * s * 4 * 8 + 4 * s * s * d + 2 * s * d * d
+    joint_double = 4 * 2 * img * 4 * 8 + 4 * img * img * d + 2 * img * d * d
+    assert step_flops(cfg, shape, release) == 2 * (plain + joint_single + joint_double)
+
+
+def test_requirements_txt_matches_pyproject():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    listed = [line for line in (REPO / "requirements.txt").read_text().splitlines() if line and line[0] != "#"]
+    assert listed == [d for d in deps if not d.startswith("torch")]
