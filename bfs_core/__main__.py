@@ -17,6 +17,7 @@ COMMANDS = {
     "bench": ("bfs_core.cli.bench", "time one dual-branch step against one plain Flux-Fill step"),
     "rgba-decode": ("bfs_core.cli.rgba_decode", "decode a foreground latent to a straight-alpha RGBA PNG"),
     "save-layers": ("bfs_core.cli.save_layers", "write background + RGBA layers as a PSD or OpenRaster file"),
+    "convert-rgba-vae": ("bfs_core.cli.convert_rgba_vae", "LayerDiffuse TransparentVAE.pth -> safetensors"),
 }
 
 
@@ -38,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    return int(modules[args.command].run(args) or 0)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except ValueError as err:  # bad input: the message says what and how to fix it; no traceback for users
+        logging.getLogger("bfs_core").debug("details", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -308,6 +308,9 @@ def load_pipeline(
     from .models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config
 
     base_path = Path(base)
+    for name, value in (("base", base), ("bfs", bfs), ("vae", vae), ("text_encoders", text_encoders)):
+        if value is not None and not Path(value).exists():
+            raise ValueError(f"`{name}` path {value} does not exist; pass a local file or folder (nothing is fetched)")
     vae = vae or (str(base_path / "vae") if (base_path / "vae").is_dir() else None)
     if vae is None:
         raise ValueError(f"No Flux VAE given and {base} has no `vae/` folder: pass the FLUX.1 VAE folder.")

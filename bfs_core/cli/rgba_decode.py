@@ -1,0 +1,68 @@
+"""``python -m bfs_core rgba-decode``: decode a foreground latent file to a straight-alpha RGBA PNG."""
+
+import argparse
+import logging
+import pathlib
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vae", required=True, type=pathlib.Path, help="RGBA VAE: diffusers folder, .safetensors or .pth"
+    )
+    parser.add_argument("--latent", required=True, type=pathlib.Path, help="LATENT.safetensors (tensor `latent`)")
+    parser.add_argument("--rgb", type=pathlib.Path, help="Flux-VAE RGB decode of the latent (LayerDiffuse format)")
+    parser.add_argument("--flux-vae", type=pathlib.Path, help="FLUX.1 VAE diffusers folder, to decode the RGB itself")
+    parser.add_argument("--out", required=True, type=pathlib.Path, help="output PNG (index added for batch > 1)")
+    parser.add_argument("--no-tta", action="store_true", help="LayerDiffuse: one pass instead of the 8-way median")
+    parser.add_argument("--sub-batch-size", type=int, default=1, help="images decoded at once")
+    parser.add_argument("--scaling-factor", type=float, help="single-file release VAE: its scaling_factor")
+    parser.add_argument("--shift-factor", type=float, help="single-file release VAE: its shift_factor")
+    parser.add_argument("--norm-num-groups", type=int, help="single-file release VAE: its GroupNorm groups")
+    parser.add_argument("--device", default=None, help="torch device (default cpu)")
+
+
+def load_rgb(path: pathlib.Path, batch: int) -> torch.Tensor:
+    image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+    rgb = torch.from_numpy(image).permute(2, 0, 1)[None]  # [H, W, 3] -> [1, 3, H, W]
+    return rgb.expand(batch, -1, -1, -1)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bfs_core.models.rgba_vae import load_latent_file, load_rgba_decoder
+
+    overrides = {
+        "scaling_factor": args.scaling_factor,
+        "shift_factor": args.shift_factor,
+        "norm_num_groups": args.norm_num_groups,
+    }
+    flux_vae = None
+    if args.flux_vae is not None:
+        from diffusers import AutoencoderKL
+
+        flux_vae = AutoencoderKL.from_pretrained(str(args.flux_vae)).eval()
+    decoder = load_rgba_decoder(args.vae, device=args.device, flux_vae=flux_vae, config_overrides=overrides)
+    latent = load_latent_file(args.latent)
+    rgb = None
+    if decoder.needs_rgb:
+        if args.rgb is not None:
+            rgb = load_rgb(args.rgb, latent.shape[0])
+        elif flux_vae is None:
+            raise ValueError(
+                f"{args.vae} is a LayerDiffuse TransparentVAE, which needs the Flux RGB decode: pass --rgb RGB.png "
+                "or --flux-vae FLUX_VAE_DIR."
+            )
+    rgba = decoder.decode(latent, rgb, tta=not args.no_tta, sub_batch_size=args.sub_batch_size)
+    images = (rgba.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # -> [B, H, W, 4]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for i, array in enumerate(images):
+        out = args.out if len(images) == 1 else args.out.with_name(f"{args.out.stem}_{i:02d}{args.out.suffix}")
+        Image.fromarray(array, "RGBA").save(out)
+        print(out)
+    return 0
