@@ -75,6 +75,32 @@ def _check_images(name: str, images: torch.Tensor, channels: int) -> None:
         raise ValueError(f"`{name}` values must be in [0, 1] but range over [{images.min():.3f}, {images.max():.3f}].")
 
 
+class DiffusersFluxVAE:
+    """The Flux VAE (a diffusers `AutoencoderKL`) as the pipeline's image codec.
+
+    Any object with these two methods can stand in (the ComfyUI nodes wrap ComfyUI's own VAE this way):
+    `encode_images([B, 3, H, W] in [0, 1]) -> normalised latents [B, 16, H/8, W/8]` and the inverse `decode_latents`.
+    """
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Uses the posterior mean (the release draws a posterior sample from the global RNG instead): deterministic,
+        so the seed drives only the sampling noise, and the best clean-latent estimate for extraction."""
+        vae = self.vae
+        x = images.to(device=vae.device, dtype=vae.dtype) * 2 - 1
+        raw = vae.encode(x).latent_dist.mode()
+        return (raw - vae.config.shift_factor) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        raw = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return (vae.decode(raw).sample.float() / 2 + 0.5).clamp(0, 1)
+
+
 @dataclass
 class LayerResult:
     """What one BG2FG or extraction call gives back.
@@ -96,36 +122,24 @@ class BFSPipeline:
 
     Args:
         model: the dual-branch transformer.
-        vae: the Flux `AutoencoderKL` (16 latent channels, scaling 0.3611, shift 0.1159).
+        codec: the Flux VAE as an image codec (`DiffusersFluxVAE`, or the nodes' wrapper of ComfyUI's VAE).
         scheduler_config: FlowMatchEulerDiscreteScheduler config (the shipped Flux-Fill one).
         text_encoders: optional `FluxTextEncoders` for `encode_prompt`.
     """
 
-    def __init__(self, model: DualBranchFlux, vae, scheduler_config: dict, text_encoders=None):
+    def __init__(self, model: DualBranchFlux, codec, scheduler_config: dict, text_encoders=None):
         self.model = model
-        self.vae = vae
+        self.codec = codec
         self.scheduler_config = scheduler_config
         self.text_encoders = text_encoders
 
-    # -- VAE -------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] in [0, 1] -> normalised latents [B, 16, H/8, W/8].
+        """[B, 3, H, W] in [0, 1] -> normalised Flux latents [B, 16, H/8, W/8]."""
+        return self.codec.encode_images(images)
 
-        Uses the posterior mean (the release draws a posterior sample from the global RNG instead): deterministic, so
-        the seed drives only the sampling noise, and the best clean-latent estimate for extraction.
-        """
-        vae = self.vae
-        x = images.to(device=vae.device, dtype=vae.dtype) * 2 - 1
-        raw = vae.encode(x).latent_dist.mode()
-        return (raw - vae.config.shift_factor) * vae.config.scaling_factor
-
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents -> RGB [B, 3, H, W] in [0, 1]."""
-        vae = self.vae
-        raw = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return (vae.decode(raw).sample.float() / 2 + 0.5).clamp(0, 1)
+        """Normalised Flux latents -> RGB [B, 3, H, W] in [0, 1]."""
+        return self.codec.decode_latents(latents)
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.text_encoders is None:
@@ -330,4 +344,4 @@ def load_pipeline(
         import json
 
         scheduler_config = {**scheduler_config, **json.loads(scheduler_file.read_text())}
-    return BFSPipeline(model, vae_model, scheduler_config, encoders)
+    return BFSPipeline(model, DiffusersFluxVAE(vae_model), scheduler_config, encoders)

@@ -267,3 +267,22 @@ def test_joint_attention_matches_equations_2_to_4_by_hand():
     assert (got[0] - expected_comp).abs().max() < 1e-5
     assert (got[1] - expected_fg).abs().max() < 1e-5
     assert expected_comp.abs().mean() > 1e-3
+
+
+def test_fp8_weight_storage_stays_close_to_bf16():
+    from bfs_core.models.dual_flux import store_weights_in_fp8
+
+    transformer = make_tiny_flux(dtype=torch.bfloat16)
+    model = DualBranchFlux(transformer, DualBranchConfig.paper())
+    randomize_bfs_parameters(transformer, std=0.05)
+    prepare_for_inference(transformer)
+    inputs = {k: v.to(torch.bfloat16) if k not in ("timestep_comp", "timestep_fg") else v
+              for k, v in dual_inputs(n=1).items()}  # fmt: skip
+    reference = run(model, inputs)
+    store_weights_in_fp8(transformer)
+    dtypes = {name: p.dtype for name, p in transformer.named_parameters()}
+    assert dtypes["single_transformer_blocks.0.proj_mlp.weight"] == torch.float8_e4m3fn
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if parameter_group(n) != "base")
+    for ref, out in zip(reference, run(model, inputs)):
+        relative = ((out - ref).float().norm() / ref.float().norm()).item()
+        assert 0 < relative < 0.05

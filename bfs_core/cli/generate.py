@@ -100,7 +100,7 @@ def run(args) -> int:
         from bfs_core.layer_math import resize_rgba
         from bfs_core.models.rgba_vae import load_rgba_decoder
 
-        decoder = load_rgba_decoder(args.rgba_vae, device=args.device, flux_vae=pipe.vae)
+        decoder = load_rgba_decoder(args.rgba_vae, device=args.device, flux_vae=pipe.codec.vae)
         rgb = pipe.decode_latents(result.fg_latent)  # only the LayerDiffuse format uses it
         rgba = resize_rgba(decoder.decode(result.fg_latent, rgb=rgb), result.original_size)
         written["foreground"] = _save_image(rgba, out / "foreground.png")

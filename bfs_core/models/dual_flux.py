@@ -139,6 +139,22 @@ class DualBranchConfig:
 # Per-branch LoRA
 
 
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _param_dtype(like: torch.Tensor) -> torch.dtype:
+    """New BFS parameters take the base weights' dtype, except fp8 storage: adapters are kept in bf16."""
+    return torch.bfloat16 if like.dtype in _FP8 else like.dtype
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear that upcasts weights stored in another dtype (fp8 storage, see `store_weights_in_fp8`)."""
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
 def _split_branches(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape[0] % 2:
         raise ValueError(
@@ -157,7 +173,7 @@ class _BranchLoRAMixin:
     lora_scale: float
 
     def _init_branch_lora(self, in_features: int, out_features: int, rank: int, alpha: float | None, like: Any):
-        factory = {"device": like.device, "dtype": like.dtype}
+        factory = {"device": like.device, "dtype": _param_dtype(like)}
         self.lora_A = nn.ModuleDict({b: nn.Linear(in_features, rank, bias=False, **factory) for b in BRANCHES})
         self.lora_B = nn.ModuleDict({b: nn.Linear(rank, out_features, bias=False, **factory) for b in BRANCHES})
         self.lora_scale = (alpha if alpha is not None else rank) / rank
@@ -187,7 +203,7 @@ class BranchLoRALinear(nn.Linear, _BranchLoRAMixin):
     """An `nn.Linear` (class swapped in place) with one LoRA per branch. Keys stay `<name>.weight`/`<name>.bias`."""
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_add(self.base_forward(x), self.lora_down(x))
@@ -207,7 +223,7 @@ class BranchLoRA(nn.Module, _BranchLoRAMixin):
 
 def _base_and_content(linear: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(frozen base projection, base + content-LoRA delta): the fast path shares the base with the joint module."""
-    base = F.linear(x, linear.weight, linear.bias)
+    base = _linear(x, linear.weight, linear.bias)
     if isinstance(linear, BranchLoRALinear):
         return base, linear.lora_add(base, linear.lora_down(x))
     return base, base
@@ -244,7 +260,7 @@ class JointPostMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, like: torch.Tensor):
         super().__init__()
-        factory = {"device": like.device, "dtype": like.dtype}
+        factory = {"device": like.device, "dtype": _param_dtype(like)}
         self.fc1 = nn.Linear(2 * dim, hidden, **factory)
         self.fc2 = nn.Linear(hidden, 2 * dim, **factory)
         nn.init.zeros_(self.fc2.weight)
@@ -290,7 +306,7 @@ class JointAttention(nn.Module):
         self.to_v = BranchLoRA(dim, dim, rank, alpha, like)
         self.to_out = BranchLoRA(dim, dim, rank, alpha, like) if has_out else None
         if post == "linear":
-            self.post = nn.Linear(dim, dim, bias=False, device=like.device, dtype=like.dtype)
+            self.post = nn.Linear(dim, dim, bias=False, device=like.device, dtype=_param_dtype(like))
             nn.init.zeros_(self.post.weight)
         else:
             self.post = JointPostMLP(dim, mlp_hidden, like)
@@ -344,9 +360,11 @@ class JointAttention(nn.Module):
         out = self._base_linear(attn, "to_out")
         w_post = self.post.weight.float()
         self._folded = {
-            "weight": (w_post @ out.weight.float()).to(out.weight.dtype),
-            "bias": None if out.bias is None else (w_post @ out.bias.float()).to(out.weight.dtype),
-            "lora_B": {b: (w_post @ self.to_out.lora_B[b].weight.float()).to(out.weight.dtype) for b in BRANCHES},
+            "weight": (w_post @ out.weight.float()).to(self.post.weight.dtype),
+            "bias": None if out.bias is None else (w_post @ out.bias.float()).to(self.post.weight.dtype),
+            "lora_B": {
+                b: (w_post @ self.to_out.lora_B[b].weight.float()).to(self.post.weight.dtype) for b in BRANCHES
+            },
         }
 
     def unfold_post(self) -> None:
@@ -357,9 +375,9 @@ class JointAttention(nn.Module):
             down = self.to_out.lora_down(messages)
             if self._folded is not None:
                 f = self._folded
-                return self.to_out.lora_add(F.linear(messages, f["weight"], f["bias"]), down, f["lora_B"])
+                return self.to_out.lora_add(_linear(messages, f["weight"], f["bias"]), down, f["lora_B"])
             out = self._base_linear(attn, "to_out")
-            messages = self.to_out.lora_add(F.linear(messages, out.weight, out.bias), down)
+            messages = self.to_out.lora_add(_linear(messages, out.weight, out.bias), down)
         return self.post(messages)
 
     # -- forward -----------------------------------------------------------------------------------------------------
@@ -384,7 +402,7 @@ class JointAttention(nn.Module):
         """
         if base_qkv is None or self.base is not None or not self.share_base_projections:
             base_qkv = tuple(
-                F.linear(normed, lin.weight, lin.bias)
+                _linear(normed, lin.weight, lin.bias)
                 for lin in (self._base_linear(attn, n) for n in ("to_q", "to_k", "to_v"))
             )
         base_q, base_k, base_v = base_qkv
@@ -767,3 +785,17 @@ class DualBranchFlux(nn.Module):
             return_dict=False,
         )[0]
         return out[:n], out[n:]
+
+
+def store_weights_in_fp8(transformer: FluxTransformer2DModel, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Keep the frozen Flux Linears in float8_e4m3fn and compute in `compute_dtype` (about half the memory).
+
+    Uses diffusers' layerwise casting for the stock modules; the dual-branch blocks upcast the weights they read
+    directly. BFS parameters (LoRAs, joint modules), norms and embeddings stay in `compute_dtype`. Call after the BFS
+    weights are loaded; inference only.
+    """
+    transformer.enable_layerwise_casting(
+        storage_dtype=torch.float8_e4m3fn,
+        compute_dtype=compute_dtype,
+        skip_modules_pattern=("pos_embed", "norm", "lora_", "joint", "time_text_embed", "x_embedder", "proj_out$"),
+    )
