@@ -790,12 +790,17 @@ class DualBranchFlux(nn.Module):
 def store_weights_in_fp8(transformer: FluxTransformer2DModel, compute_dtype: torch.dtype = torch.bfloat16) -> None:
     """Keep the frozen Flux Linears in float8_e4m3fn and compute in `compute_dtype` (about half the memory).
 
-    Uses diffusers' layerwise casting for the stock modules; the dual-branch blocks upcast the weights they read
-    directly. BFS parameters (LoRAs, joint modules), norms and embeddings stay in `compute_dtype`. Call after the BFS
-    weights are loaded; inference only.
+    Stock modules use diffusers' layerwise casting; Linears carrying a content LoRA keep their adapters in
+    `compute_dtype` and store only their own weight in fp8 (their forward upcasts it, as the dual-branch blocks do
+    for every weight they read directly). Norms, embeddings and all BFS parameters stay in `compute_dtype`. Call after
+    the BFS weights are loaded; inference only.
     """
     transformer.enable_layerwise_casting(
         storage_dtype=torch.float8_e4m3fn,
         compute_dtype=compute_dtype,
-        skip_modules_pattern=("pos_embed", "norm", "lora_", "joint", "time_text_embed", "x_embedder", "proj_out$"),
+        skip_modules_pattern=("pos_embed", "norm", "joint", "time_text_embed", "x_embedder", "proj_out$"),
+        skip_modules_classes=(BranchLoRALinear, BranchLoRA, JointAttention),
     )
+    for module in transformer.modules():
+        if isinstance(module, BranchLoRALinear):
+            module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
