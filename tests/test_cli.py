@@ -47,10 +47,13 @@ def test_convert_then_generate_end_to_end(tiny, tmp_path):
     Image.new("RGB", (96, 80), (100, 150, 200)).save(tmp_path / "bg.png")
     out = bfs("generate", "--base", str(tiny["bfl_fp8_scaled"]), "--vae", str(tiny["vae"]), "--text-encoders",
               str(tiny["text_encoders"]), "--bfs", str(converted), "--background", str(tmp_path / "bg.png"),
-              "--box", "10,20,60,70", "--prompt", "a red cube", "--steps", "2", "--dtype", "fp32", "--out",
+              "--box", "10,20,60,70", "--prompt", "a red cube", "--steps", "2", "--dtype", "fp32", "--rgba-vae",
+              str(tiny["rgba_bfs_release_folder"]), "--out",
               str(tmp_path / "out"))  # fmt: skip
     written = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
     assert Image.open(written["composite"]).size == (96, 80)
+    foreground = Image.open(written["foreground"])
+    assert foreground.mode == "RGBA" and foreground.size == (96, 80)
     mask = torch.from_numpy(np.array(Image.open(written["mask"]))).bool()
     assert mask[20:70, 10:60].all() and mask.sum() == 50 * 50
 

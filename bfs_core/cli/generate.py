@@ -102,7 +102,8 @@ def run(args) -> int:
 
         decoder = load_rgba_decoder(args.rgba_vae, device=args.device, flux_vae=pipe.codec.vae)
         rgb = pipe.decode_latents(result.fg_latent)  # only the LayerDiffuse format uses it
-        rgba = resize_rgba(decoder.decode(result.fg_latent, rgb=rgb), result.original_size)
+        width, height = result.original_size
+        rgba = resize_rgba(decoder.decode(result.fg_latent, rgb=rgb), (height, width))
         written["foreground"] = _save_image(rgba, out / "foreground.png")
     for name, path in written.items():
         print(f"{name}: {path}")

@@ -706,11 +706,12 @@ class DualBranchFlux(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        """The compute dtype (with fp8 weight storage the embedders stay in it)."""
+        return self.transformer.x_embedder.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return self.transformer.x_embedder.weight.device
 
     @property
     def latent_channels(self) -> int:
