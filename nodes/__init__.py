@@ -1,0 +1,41 @@
+"""The pack's ComfyUI nodes (V3 schema). Imported only inside ComfyUI; `bfs_core` does the work.
+
+Node ids are stable and prefixed `BFS`. `BFSDecomposeLayers` ("Decompose Layers") is reserved for the
+Outpaint-and-Remove decomposition node.
+"""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
+
+
+# models/bfs holds BFS weights and RGBA VAEs; register it once, at import, with the usual weight extensions.
+folder_paths.add_model_folder_path("bfs", os.path.join(folder_paths.models_dir, "bfs"))
+folder_paths.folder_names_and_paths["bfs"] = (folder_paths.get_folder_paths("bfs"),
+                                              folder_paths.supported_pt_extensions)  # fmt: skip
+
+from .layers import LayerNodes  # noqa: E402  (the folder must be registered before the schemas list it)
+from .loaders import LoaderNodes  # noqa: E402
+from .sampling import SamplingNodes  # noqa: E402
+
+
+RESERVED_NODE_IDS = ("BFSDecomposeLayers",)
+
+
+class BFSExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        extensions = [LoaderNodes(), SamplingNodes(), LayerNodes()]
+        if os.environ.get("BFS_TEST_NODES") == "1":
+            from .testing import TestingNodes
+
+            extensions.append(TestingNodes())
+        return [node for ext in extensions for node in await ext.get_node_list()]
+
+
+async def comfy_entrypoint() -> BFSExtension:
+    return BFSExtension()

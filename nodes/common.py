@@ -1,0 +1,158 @@
+"""What the BFS nodes share: ComfyUI <-> bfs_core conversions, the model handle, progress and interrupt."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.utils
+import torch
+
+from ..bfs_core.layer_math import box_from_mask, mask_from_box
+from ..bfs_core.models.dual_flux import DualBranchFlux
+
+
+logger = logging.getLogger(__name__)
+
+FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159  # Flux latent normalisation (ComfyUI LATENTs hold raw VAE latents)
+
+
+# -- tensors -------------------------------------------------------------------------------------------------------
+def image_to_core(image: torch.Tensor, name: str, channels: tuple[int, ...] = (3,)) -> torch.Tensor:
+    """ComfyUI IMAGE [B, H, W, C] -> [B, C, H, W] float in [0, 1]."""
+    if image.ndim != 4 or image.shape[-1] not in channels:
+        raise ValueError(f"`{name}` must be an IMAGE with {' or '.join(map(str, channels))} channels "
+                         f"([batch, height, width, channels]) but got shape {list(image.shape)}.")  # fmt: skip
+    return image.movedim(-1, 1).float().clamp(0, 1)
+
+
+def image_from_core(image: torch.Tensor) -> torch.Tensor:
+    return image.movedim(1, -1).float().cpu()  # [B, C, H, W] -> [B, H, W, C]
+
+
+def mask_to_core(mask: torch.Tensor, name: str, size: tuple[int, int]) -> torch.Tensor:
+    """ComfyUI MASK [B, H, W] (or [H, W]) -> [B, 1, H, W]; must match the image size (W, H)."""
+    mask = mask[None] if mask.ndim == 2 else mask
+    if mask.ndim != 3 or (mask.shape[2], mask.shape[1]) != tuple(size):
+        raise ValueError(f"`{name}` must be a MASK of the image's size {size[0]}×{size[1]} but got shape "
+                         f"{list(mask.shape)}. Resize the mask (or draw it on this image).")  # fmt: skip
+    return mask[:, None].float()
+
+
+def bounding_box_masks(mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W] any masks -> their bounding boxes as masks (the paper's region is a box)."""
+    height, width = mask.shape[-2:]
+    boxes = []
+    for m in mask[:, 0]:
+        if not (m >= 0.5).any():
+            raise ValueError("The region `mask` is empty: paint or box the area where the foreground should go.")
+        boxes.append(mask_from_box(box_from_mask(m), height, width))
+    return torch.stack(boxes)[:, None]
+
+
+def raw_from_normalized(latent: torch.Tensor) -> torch.Tensor:
+    return latent / FLUX_SCALE + FLUX_SHIFT
+
+
+def normalized_from_raw(latent: torch.Tensor) -> torch.Tensor:
+    return (latent - FLUX_SHIFT) * FLUX_SCALE
+
+
+def flux_latent(latent: dict, name: str) -> torch.Tensor:
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if samples is None or samples.ndim != 4 or samples.shape[1] != 16:
+        got = None if samples is None else list(samples.shape)
+        raise ValueError(f"`{name}` must be a Flux LATENT with 16 channels ([batch, 16, height/8, width/8]) but got "
+                         f"{got}. Connect the foreground latent of BG2FG Sample or Extract Foreground.")  # fmt: skip
+    return samples
+
+
+# -- conditioning --------------------------------------------------------------------------------------------------
+def flux_text(conditioning, name: str = "positive") -> tuple[torch.Tensor, torch.Tensor]:
+    """CONDITIONING from CLIPTextEncode (+ StyleModelApply for Redux) -> (prompt_embeds [1, T, W], pooled [1, P])."""
+    if not isinstance(conditioning, list) or len(conditioning) == 0:
+        raise ValueError(f"`{name}` must be a CONDITIONING (e.g. from CLIPTextEncode) but got {type(conditioning)}.")
+    if len(conditioning) > 1:
+        raise ValueError(f"`{name}` holds {len(conditioning)} conditioning entries (e.g. from Conditioning Combine); "
+                         f"BFS takes one. Use Conditioning (Concat) to join text and reference tokens.")  # fmt: skip
+    embeds, extra = conditioning[0][0], conditioning[0][1]
+    pooled = extra.get("pooled_output")
+    if pooled is None:
+        raise ValueError(f"`{name}` has no pooled output: encode the prompt with Flux's DualCLIPLoader (clip_l + "
+                         f"t5xxl, type flux) and CLIPTextEncode.")  # fmt: skip
+    if extra.get("attention_mask") is not None:
+        raise ValueError(f"`{name}` carries an attention mask (StyleModelApply with strength_type 'attn_bias'); BFS "
+                         f"does not support it: set strength_type to 'multiply'.")  # fmt: skip
+    return embeds, pooled
+
+
+# -- the Flux VAE as the pipeline's image codec -----------------------------------------------------------------------
+class ComfyFluxVAE:
+    """ComfyUI's VAE object (the native Flux VAE) with the `encode_images` / `decode_latents` codec interface."""
+
+    def __init__(self, vae):
+        channels = getattr(vae, "latent_channels", None)
+        if channels != 16:
+            raise ValueError(f"`vae` must be the Flux VAE (16 latent channels, ae.safetensors) but has {channels} "
+                             f"latent channels. Load FLUX.1's ae.safetensors with Load VAE.")  # fmt: skip
+        self.vae = vae
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        raw = self.vae.encode(images.movedim(1, -1)[..., :3])  # [B, 3, H, W] -> [B, H, W, 3]
+        return normalized_from_raw(raw.float())
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(raw_from_normalized(latents.float())).movedim(-1, 1).float()
+
+
+# -- the model handle ---------------------------------------------------------------------------------------------
+class _PatcherModule(torch.nn.Module):
+    """A plain container ComfyUI's ModelPatcher can move and annotate (it sets `.device` and a few counters)."""
+
+    def __init__(self, dual: DualBranchFlux):
+        super().__init__()
+        self.dual = dual
+        self.device = None
+
+
+@dataclass
+class BFSModel:
+    """What flows through a BFS_MODEL socket. Nodes read it and never modify it."""
+
+    patcher: comfy.model_patcher.ModelPatcher
+    scheduler_config: dict
+    name: str
+
+    @property
+    def dual(self) -> DualBranchFlux:
+        return self.patcher.model.dual
+
+    @classmethod
+    def wrap(cls, dual: DualBranchFlux, scheduler_config: dict, name: str) -> BFSModel:
+        mm = comfy.model_management
+        patcher = comfy.model_patcher.ModelPatcher(
+            _PatcherModule(dual), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+        )
+        return cls(patcher=patcher, scheduler_config=scheduler_config, name=name)
+
+    def load(self) -> DualBranchFlux:
+        """Ask ComfyUI's memory management to put the model on the compute device (offloading others if needed)."""
+        comfy.model_management.load_models_gpu([self.patcher])
+        return self.dual
+
+
+# -- progress ------------------------------------------------------------------------------------------------------
+def progress(steps: int):
+    """(callback, interrupt) for bfs_core: a ComfyUI progress bar and the interrupt button."""
+    bar = comfy.utils.ProgressBar(steps)
+
+    def callback(step: int, total: int, _latents) -> None:
+        bar.update_absolute(step + 1, total)
+
+    def interrupt() -> bool:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        return False
+
+    return callback, interrupt
