@@ -1,0 +1,145 @@
+"""Each training loss term equals a hand computation on fixed tensors (time convention: training/losses.py)."""
+
+import pytest
+import torch
+
+from bfs_core.models.composition_unet import build_composition_unet
+from bfs_core.sampling.flow_match import pack_latents
+from training.bfs_model import Batch
+from training.losses import composition_loss, flow_matching_loss, noisy_latents, one_step_estimate, phi_loss
+from training.tiny import TINY_PHI
+from training.train_stage1 import TrainConfig as Stage1Config
+from training.train_stage1 import stage1_loss
+from training.train_stage2 import TrainConfig as Stage2Config
+from training.train_stage2 import phase_batches_done, phase_of, real_loss, reg_loss
+
+
+def _phi():
+    torch.manual_seed(0)
+    return build_composition_unet(**TINY_PHI).eval().requires_grad_(False)
+
+
+def _phi_by_hand(phi, z_fg, z_bg):
+    return phi(torch.cat([z_fg, z_bg], dim=1), torch.zeros(z_fg.shape[0])).sample  # input order [z_F, z_B]
+
+
+def test_flow_matching_loss_is_mean_squared_velocity_error():
+    x0 = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    noise = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    v = torch.tensor([[-1.0, 0.0], [0.0, 2.0]])
+    # v* = noise − x0 = [[-1, -1], [0.5, 2]]; errors² = [[0, 1], [0.25, 0]] -> per-sample means 0.5, 0.125
+    assert flow_matching_loss(v, noise, x0).item() == pytest.approx((0.5 + 0.125) / 2)
+    assert flow_matching_loss(v, noise, x0, torch.tensor([2.0, 0.0])).item() == pytest.approx(0.5)
+
+
+def test_interpolation_and_one_step_estimate_follow_the_scheduler_convention():
+    x0, noise, sigma = torch.tensor([[2.0]]), torch.tensor([[-1.0]]), torch.tensor([0.25])
+    x = noisy_latents(x0, noise, sigma)
+    assert x.item() == pytest.approx(0.75 * 2.0 + 0.25 * -1.0)  # sigma = 0.25: mostly data
+    assert one_step_estimate(x, noise - x0, sigma).item() == pytest.approx(2.0)  # exact clean estimate
+    assert torch.equal(noisy_latents(x0, noise, torch.tensor([0.0])), x0)  # sigma = 0 is the clean latent
+
+
+def test_composition_and_phi_losses_by_hand():
+    phi = _phi()
+    gen = torch.Generator().manual_seed(0)
+    z_fg, z_bg, z_c = (torch.randn(2, 16, 4, 4, generator=gen) for _ in range(3))
+    with torch.no_grad():
+        composed = _phi_by_hand(phi, z_fg, z_bg)
+        assert composition_loss(phi, z_fg, z_bg, z_c).item() == pytest.approx((composed - z_c).abs().mean().item())
+        assert phi_loss(phi, z_fg, z_bg, z_c).item() == pytest.approx(((z_c - composed) ** 2).mean().item())
+
+
+class StubModel:
+    """Linear velocities a·x so every term can be computed by hand; records what each branch was fed."""
+
+    def __init__(self, a=0.5, b=-0.25):
+        self.a, self.b, self.calls = a, b, []
+
+    def __call__(self, comp, fg, fill, embeds, pooled, t_comp, t_fg, img_ids, guidance):
+        self.calls.append({"comp": comp.clone(), "fg": fg.clone(), "t_comp": t_comp.clone(), "t_fg": t_fg.clone()})
+        return self.a * comp + 1.0, self.b * fg
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(1)
+    z_comp, z_fg, z_bg = (torch.randn(2, 16, 4, 4, generator=gen) for _ in range(3))
+    return Batch(
+        comp=pack_latents(z_comp),
+        fg=pack_latents(z_fg),
+        z_bg=z_bg,
+        fill_cond=torch.zeros(2, 4, 320),
+        prompt_embeds=torch.zeros(2, 3, 32),
+        pooled=torch.zeros(2, 32),
+        img_ids=torch.zeros(4, 3),
+        names=["a", "b"],
+    )
+
+
+def _hand_sigma_and_noise(b, seed, shared):
+    """diffusers' Flux trainer with weighting 'none': u ~ U[0,1), sigma = sigmas[int(u·1000)] = (1000 − i)/1000."""
+    torch.manual_seed(seed)
+    u = torch.rand(2)
+    sigma = (1000 - (u * 1000).long()).float() / 1000
+    noise_c = torch.randn_like(b.comp)
+    noise_f = noise_c if shared else torch.randn_like(b.comp)
+    return sigma, noise_c, noise_f
+
+
+def test_stage1_loss_is_flow_on_both_branches_plus_tenth_of_comp():
+    b, phi, model = _batch(), _phi(), StubModel()
+    torch.manual_seed(5)
+    loss, parts = stage1_loss(model, phi, b, Stage1Config(), "cpu", "shared")
+    sigma, noise_c, noise_f = _hand_sigma_and_noise(b, 5, shared=True)
+    s = sigma.view(-1, 1, 1)
+    x_c, x_f = (1 - s) * b.comp + s * noise_c, (1 - s) * b.fg + s * noise_f
+    v_c, v_f = 0.5 * x_c + 1.0, -0.25 * x_f
+    flow = ((v_c - (noise_c - b.comp)) ** 2).mean() + ((v_f - (noise_f - b.fg)) ** 2).mean()
+    from bfs_core.sampling.flow_match import unpack_latents
+
+    comp_hat, fg_hat = unpack_latents(x_c - s * v_c, 4, 4), unpack_latents(x_f - s * v_f, 4, 4)
+    with torch.no_grad():
+        l_comp = (_phi_by_hand(phi, fg_hat, b.z_bg) - comp_hat).abs().mean()
+    assert torch.equal(model.calls[0]["t_comp"], sigma) and torch.equal(model.calls[0]["t_fg"], sigma)
+    assert parts["loss_comp"] == pytest.approx(l_comp.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((flow + 0.1 * l_comp).item(), rel=1e-5)
+
+
+def test_stage2_real_loss_supervises_only_the_composite_velocity():
+    b, phi = _batch(), _phi()
+    torch.manual_seed(3)
+    loss, _ = real_loss(StubModel(b=-0.25), phi, b, Stage2Config(), "cpu", "independent")
+    torch.manual_seed(3)
+    loss_other_fg, _ = real_loss(StubModel(b=7.0), phi, b, Stage2Config(), "cpu", "independent")
+    sigma, noise_c, _ = _hand_sigma_and_noise(b, 3, shared=False)
+    s = sigma.view(-1, 1, 1)
+    v_c = 0.5 * ((1 - s) * b.comp + s * noise_c) + 1.0
+    assert loss.item() == pytest.approx(((v_c - (noise_c - b.comp)) ** 2).mean().item(), rel=1e-6)
+    assert loss.item() == loss_other_fg.item()  # the foreground velocity is not part of L_real
+
+
+def test_stage2_reg_loss_feeds_the_clean_composite_at_sigma_zero():
+    b, phi, model = _batch(), _phi(), StubModel()
+    torch.manual_seed(4)
+    loss, parts = reg_loss(model, phi, b, Stage2Config(), "cpu", "shared")
+    sigma, _, noise_f = _hand_sigma_and_noise(b, 4, shared=True)
+    call = model.calls[0]
+    assert torch.equal(call["comp"], b.comp) and torch.equal(call["t_comp"], torch.zeros(2))
+    assert torch.equal(call["t_fg"], sigma)
+    s = sigma.view(-1, 1, 1)
+    x_f = (1 - s) * b.fg + s * noise_f
+    v_f = -0.25 * x_f
+    l_reg = ((v_f - (noise_f - b.fg)) ** 2).mean()
+    from bfs_core.sampling.flow_match import unpack_latents
+
+    with torch.no_grad():  # ẑ_C = z_C exactly because sigma_C = 0
+        l_comp = _phi_by_hand(phi, unpack_latents(x_f - s * v_f, 4, 4), b.z_bg) - unpack_latents(b.comp, 4, 4)
+        l_comp = l_comp.abs().mean()
+    assert parts["loss_reg"] == pytest.approx(l_reg.item(), rel=1e-6)
+    assert loss.item() == pytest.approx((l_reg + 0.1 * l_comp).item(), rel=1e-5)
+
+
+def test_stage2_alternation_and_data_position():
+    assert [phase_of(s) for s in range(1, 5)] == ["real", "reg", "real", "reg"]
+    assert phase_batches_done(0) == {"real": 0, "reg": 0}
+    assert phase_batches_done(3) == {"real": 2, "reg": 1}

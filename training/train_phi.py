@@ -1,0 +1,199 @@
+"""Φ — the latent composition network (paper appendix A.5, eq. 16, Tab. A3).
+
+    python -m training phi --config training/configs/phi.yaml [--key=value ...]
+
+Data: (foreground RGBA, background) pairs; the composite is made with eq. (1), C = α·F + (1 − α)·B. The foreground
+latent comes from the RGBA encoder (the foreground branch's latent space), background and composite latents from the
+Flux VAE. Loss: ‖z_C − Φ(z_F, z_B)‖², all of Φ trained in fp32 (Tab. A3). The result is a diffusers folder
+`<output_dir>/phi` (config.json + safetensors) that stage 1 and stage 2 load frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from bfs_core.models.composition_unet import build_composition_unet, compose_latents
+
+from .common import (
+    CommonConfig,
+    LatentEncoder,
+    MetricsLog,
+    atomic_save_file,
+    derived_numbers,
+    load_checkpoint,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    resolve_resume,
+    save_checkpoint,
+    write_grid,
+)
+from .config import config_summary
+from .data import ManifestDataset, make_loader
+from .losses import phi_loss
+
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "phi.safetensors"
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    """Φ training. Besides CommonConfig fields:"""
+
+    data_dir: str = ""  # Φ pairs (manifest.jsonl, kind `phi`)
+    vae: str = ""  # Flux VAE folder
+    rgba_vae: str = ""  # RGBA VAE (encodes the foreground layers)
+    phi_overrides: dict = field(default_factory=dict)  # UNet2DModel fields over the appendix config (tiny tests)
+    init_phi: str | None = None  # continue from a Φ folder
+
+
+@dataclass
+class TrainResult:
+    weights: Path  # the Φ folder
+    losses: list[float]
+    first_step: int
+
+
+def register_hooks(accelerator) -> None:
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                atomic_save_file(accelerator.unwrap_model(model).state_dict(), Path(output_dir) / WEIGHTS_NAME)
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        while models:
+            accelerator.unwrap_model(models.pop()).load_state_dict(load_file(str(Path(input_dir) / WEIGHTS_NAME)))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def encode(batch: dict, encoder: LatentEncoder, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    z_fg = encoder.rgba_latent(batch["foreground"].to(device))  # RGBA encoder: the foreground branch's space
+    z_bg = encoder.rgb(batch["background"].to(device))
+    z_comp = encoder.rgb(batch["composite"].to(device))  # C = α·F + (1 − α)·B, eq. (1), made by the dataset
+    return z_fg, z_bg, z_comp
+
+
+@torch.no_grad()
+def write_samples(accelerator, phi, val: dict, encoder: LatentEncoder, cfg: TrainConfig, step: int) -> Path:
+    """foreground | background | composite (Flux VAE round trip) | Φ's composite decoded."""
+    z_fg, z_bg, z_comp = val["latents"]
+    columns = {
+        "foreground": val["foreground"],
+        "background": val["background"],
+        "composite": encoder.decode_rgb(z_comp),
+        "phi": encoder.decode_rgb(compose_latents(phi, z_fg, z_bg).float()),
+    }
+    return write_grid(accelerator, cfg.output_dir, step, columns)
+
+
+def save_phi_folder(phi, path: Path) -> Path:
+    """diffusers save_pretrained, written beside and renamed, so a kill never leaves half a folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    phi.save_pretrained(str(tmp), safe_serialization=True)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None = None) -> TrainResult:
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    device = accelerator.device
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    dataset = ManifestDataset(cfg.data_dir, "phi", cfg.resolution)
+    summary = config_summary(cfg, derived_numbers(cfg, accelerator, {"pairs": len(dataset)}))
+    logger.info("Φ config:\n%s", summary)
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(summary)
+        (out / "bad_samples.txt").write_text("".join(f"{n}\t{r}\n" for n, r in dataset.bad))
+    encoder = LatentEncoder(cfg.vae, cfg.rgba_vae, device, torch.float32)  # Tab. A3: float32 throughout
+
+    if cfg.init_phi:
+        from diffusers import UNet2DModel
+
+        phi = UNet2DModel.from_pretrained(cfg.init_phi)
+    else:
+        phi = build_composition_unet(**cfg.phi_overrides)
+    phi.to(device).train()
+    if cfg.gradient_checkpointing:
+        phi.enable_gradient_checkpointing()
+    params = [p for p in phi.parameters()]
+    logger.info("Φ: %.2f M trainable parameters", sum(p.numel() for p in params) / 1e6)
+    optimizer = make_optimizer(params, cfg)
+    lr_scheduler = make_lr_scheduler(optimizer, cfg, accelerator)
+    register_hooks(accelerator)
+    phi, optimizer, lr_scheduler = accelerator.prepare(phi, optimizer, lr_scheduler)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("phi")
+
+    global_step = 0
+    resume = resolve_resume(cfg)
+    if resume is not None:
+        global_step = load_checkpoint(accelerator, resume)["global_step"]
+    loader = make_loader(
+        dataset, cfg.batch_size, cfg.seed, global_step * cfg.gradient_accumulation_steps, accelerator, cfg.num_workers
+    )
+    batches = iter(loader)
+    val = None
+    if cfg.validation_steps:
+        n = min(cfg.num_validation_samples, len(dataset))
+        val = torch.utils.data.default_collate([dataset[i] for i in range(n)])
+        val["latents"] = encode(val, encoder, device)
+    metrics = MetricsLog(accelerator, out)
+    losses = []
+    bar = tqdm(range(cfg.max_steps), initial=global_step, desc="phi", disable=not accelerator.is_local_main_process)
+
+    while global_step < cfg.max_steps:
+        step_loss = 0.0
+        for _ in range(cfg.gradient_accumulation_steps):
+            z_fg, z_bg, z_comp = encode(next(batches), encoder, device)
+            with accelerator.accumulate(phi):
+                loss = phi_loss(phi, z_fg, z_bg, z_comp)  # eq. 16: mean ‖z_C − Φ(z_F, z_B)‖²
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.item() / cfg.gradient_accumulation_steps
+        global_step += 1
+        losses.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.5f}")
+        metrics.log(global_step, {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]})
+        if callback is not None:
+            callback(global_step, {"loss": step_loss}, accelerator.unwrap_model(phi))
+        if global_step % cfg.log_steps == 0:
+            metrics.draw()
+        if val is not None and global_step % cfg.validation_steps == 0 and accelerator.is_main_process:
+            write_samples(accelerator, accelerator.unwrap_model(phi), val, encoder, cfg, global_step)
+        if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_steps:
+            save_checkpoint(accelerator, cfg, {"global_step": global_step, "stage": "phi"})
+
+    bar.close()
+    metrics.draw()
+    final = out / "phi"
+    if accelerator.is_main_process:
+        save_phi_folder(accelerator.unwrap_model(phi), final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    logger.info("Φ done at step %d; weights: %s", global_step, final)
+    return TrainResult(weights=final, losses=losses, first_step=global_step - len(losses) + 1)

@@ -1,0 +1,188 @@
+"""BFS stage 1 — representation learning with compositional consistency (paper §4, eq. 5–7, Tab. A1).
+
+    python -m training stage1 --config training/configs/stage1.yaml [--key=value ...]
+    accelerate launch --config_file training/accelerate/multi_gpu.yaml -m training stage1 --config ...
+
+L_first = L_flow + 0.1·L_comp on synthetic triplets {F, B, M, C}:
+- L_flow (eq. 5): both branches noised at the same sigma (shared noise in the paper preset), each branch's predicted
+  velocity regressed on its own target v* = noise − z (time convention: training/losses.py);
+- L_comp (eq. 6): ‖Φ(ẑ_F, z_B) − ẑ_C‖₁ on the one-step clean estimates ẑ = x_sigma − sigma·v̂, Φ frozen.
+Trainable: both content LoRAs, the joint LoRAs and the post projection (groups comp, fg, joint). The result is written
+in the nodes' safetensors format (`bfs_stage1.safetensors`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .bfs_model import (
+    WEIGHTS_NAME,
+    BFSConfig,
+    draw_noise,
+    encode_batch,
+    load_dual_model,
+    load_frozen_phi,
+    register_hooks,
+    save_weights,
+    set_phase_trainable,
+    validation_batch,
+    write_samples,
+)
+from .common import (
+    LatentEncoder,
+    MetricsLog,
+    TextEmbeddingCache,
+    derived_numbers,
+    load_checkpoint,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    resolve_resume,
+    sample_sigmas,
+    save_checkpoint,
+    weight_dtype,
+)
+from .config import config_summary
+from .data import ManifestDataset, make_loader
+from .losses import flow_matching_loss, noisy_latents, one_step_estimate, packed_composition_loss
+
+
+logger = logging.getLogger(__name__)
+
+GROUPS = {"comp", "fg", "joint"}
+
+
+@dataclass
+class TrainConfig(BFSConfig):
+    """BFS stage 1. Besides BFSConfig / CommonConfig fields:"""
+
+    data_dir: str = ""  # synthetic triplet dataset (manifest.jsonl, kind `triplet`; `python -m training synth-data`)
+    output_name: str = "bfs_stage1.safetensors"  # final weights in <output_dir>
+
+
+@dataclass
+class TrainResult:
+    weights: Path  # the final BFS weights (nodes' format)
+    losses: list[float]  # loss of every optimiser step, in order (for tests and the demo)
+    first_step: int  # the global step the first entry of `losses` belongs to
+
+
+def stage1_loss(model, phi, b, cfg: TrainConfig, device, noise_mode: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_flow + λ·L_comp for one encoded batch (eq. 5–7)."""
+    sigma, weight = sample_sigmas(
+        b.comp.shape[0], cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, device
+    )
+    noise_comp, noise_fg = draw_noise(b.comp, noise_mode)
+    x_comp = noisy_latents(b.comp, noise_comp, sigma)  # x_sigma = (1 − sigma)·z + sigma·noise
+    x_fg = noisy_latents(b.fg, noise_fg, sigma)
+    dtype = b.fill_cond.dtype
+    v_comp, v_fg = model(
+        x_comp.to(dtype), x_fg.to(dtype), b.fill_cond, b.prompt_embeds, b.pooled, sigma, sigma, b.img_ids, cfg.guidance
+    )
+    # Eq. 5: ‖v*_C − v_C‖² + ‖v*_F − v_F‖² with v* = noise − z (our sign of the paper's z1 − z0).
+    l_flow_comp = flow_matching_loss(v_comp, noise_comp, b.comp, weight)
+    l_flow_fg = flow_matching_loss(v_fg, noise_fg, b.fg, weight)
+    # Eq. 6 on the one-step clean estimates ẑ = x_sigma − sigma·v̂; Φ is frozen but differentiable.
+    comp_hat = one_step_estimate(x_comp, v_comp.float(), sigma)
+    fg_hat = one_step_estimate(x_fg, v_fg.float(), sigma)
+    l_comp = packed_composition_loss(phi, fg_hat, b.z_bg, comp_hat)
+    loss = l_flow_comp + l_flow_fg + cfg.lambda_comp * l_comp
+    parts = {"loss_flow_comp": l_flow_comp.item(), "loss_flow_fg": l_flow_fg.item(), "loss_comp": l_comp.item()}
+    return loss, parts
+
+
+def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None = None) -> TrainResult:
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    device, dtype = accelerator.device, weight_dtype(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Data and conditioning: the manifest is validated up front; caption embeddings are cached once per caption.
+    dataset = ManifestDataset(cfg.data_dir, "triplet", cfg.resolution)
+    derived = derived_numbers(cfg, accelerator, {"triplets": len(dataset)})
+    summary = config_summary(cfg, derived)
+    logger.info("stage 1 config:\n%s", summary)
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(summary)
+        (out / "bad_samples.txt").write_text("".join(f"{n}\t{r}\n" for n, r in dataset.bad))
+    texts = TextEmbeddingCache(cfg.text_cache_dir or out / "text_cache")
+    with accelerator.main_process_first():
+        texts.prepare(
+            [e["caption"] for e in dataset.entries], cfg.text_encoders or cfg.flux_fill, cfg.max_sequence_length
+        )
+    encoder = LatentEncoder(cfg.vae or str(Path(cfg.flux_fill) / "vae"), cfg.rgba_vae, device, dtype)
+
+    # Model: frozen Flux-Fill + BFS parameters (fp32); Φ frozen.
+    model = load_dual_model(cfg, device, dtype)
+    params = set_phase_trainable(model, GROUPS)
+    noise_mode = model.config.noise
+    logger.info("trainable: %d tensors, %.2f M parameters", len(params), sum(p.numel() for p in params) / 1e6)
+    phi = load_frozen_phi(cfg.phi, device, dtype)
+    optimizer = make_optimizer(params, cfg)
+    lr_scheduler = make_lr_scheduler(optimizer, cfg, accelerator)
+    register_hooks(accelerator)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("bfs_stage1")
+
+    global_step = 0
+    resume = resolve_resume(cfg)
+    if resume is not None:
+        global_step = load_checkpoint(accelerator, resume)["global_step"]
+    loader = make_loader(
+        dataset, cfg.batch_size, cfg.seed, global_step * cfg.gradient_accumulation_steps, accelerator, cfg.num_workers
+    )
+    batches = iter(loader)
+    val_batch = validation_batch(dataset, cfg, encoder, texts, device, dtype) if cfg.validation_steps else None
+    metrics = MetricsLog(accelerator, out)
+    losses = []
+    bar = tqdm(
+        range(cfg.max_steps), initial=global_step, desc="stage 1", disable=not accelerator.is_local_main_process
+    )
+
+    while global_step < cfg.max_steps:
+        # One optimiser step = gradient_accumulation_steps micro-batches.
+        step_loss, parts = 0.0, {}
+        for _ in range(cfg.gradient_accumulation_steps):
+            raw = next(batches)
+            b = encode_batch(raw, encoder, texts, cfg, device, dtype)
+            with accelerator.accumulate(model):
+                loss, parts = stage1_loss(model, phi, b, cfg, device, noise_mode)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.item() / cfg.gradient_accumulation_steps
+        global_step += 1
+        losses.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        metrics.log(global_step, {"loss": step_loss, **parts, "lr": lr_scheduler.get_last_lr()[0]})
+        if callback is not None:
+            callback(global_step, {"loss": step_loss, **parts}, accelerator.unwrap_model(model))
+        if global_step % cfg.log_steps == 0:
+            metrics.draw()
+        if cfg.validation_steps and global_step % cfg.validation_steps == 0 and accelerator.is_main_process:
+            write_samples(accelerator, accelerator.unwrap_model(model), val_batch, encoder, cfg, global_step)
+        if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_steps:
+            save_checkpoint(accelerator, cfg, {"global_step": global_step, "stage": "stage1"})
+
+    bar.close()
+    metrics.draw()
+    final = out / cfg.output_name
+    if accelerator.is_main_process:
+        save_weights(accelerator.unwrap_model(model), final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    logger.info("stage 1 done at step %d; weights: %s (checkpoint weights: */%s)", global_step, final, WEIGHTS_NAME)
+    return TrainResult(weights=final, losses=losses, first_step=global_step - len(losses) + 1)

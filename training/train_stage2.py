@@ -1,0 +1,243 @@
+"""BFS stage 2 — realism enhancement with distribution regularisation (paper §4, eq. 8–9, Tab. A1).
+
+    python -m training stage2 --config training/configs/stage2.yaml --init_bfs=runs/stage1/bfs_stage1.safetensors
+
+Optimiser steps alternate (odd steps L_real, even steps L_reg; step numbers from 1):
+- L_real (eq. 8) on real (composite, background, box) pairs, **composite LoRA only**: both branches noised at the same
+  sigma; the foreground branch gets the surrogate F̃ = C·M (RGBA with alpha M through the RGBA encoder), noised; only
+  v_C is regressed on noise − z_C. (`lambda_comp_real` > 0 adds L_comp here too — the paper's text is ambiguous.)
+- L_reg + 0.1·L_comp (eq. 9) on the synthetic triplets, **foreground LoRA + joint module only**: the composite branch
+  is fed the clean composite latent at sigma = 0 (the paper's "t = 0"; time convention in training/losses.py), the
+  foreground branch is noised at sigma; v_F is regressed on noise − z_F, and ẑ_C = z_C exactly.
+Only the active phase's parameters require grad, and gradients are set to None between steps, so AdamW (torch or
+bitsandbytes) leaves every other parameter — weight decay included — untouched on that step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from tqdm.auto import tqdm
+
+from .bfs_model import (
+    BFSConfig,
+    draw_noise,
+    encode_batch,
+    load_dual_model,
+    load_frozen_phi,
+    register_hooks,
+    save_weights,
+    set_phase_trainable,
+    validation_batch,
+    write_samples,
+)
+from .common import (
+    LatentEncoder,
+    MetricsLog,
+    TextEmbeddingCache,
+    derived_numbers,
+    load_checkpoint,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    resolve_resume,
+    sample_sigmas,
+    save_checkpoint,
+    weight_dtype,
+)
+from .config import config_summary
+from .data import ManifestDataset, make_loader
+from .losses import flow_matching_loss, noisy_latents, one_step_estimate, packed_composition_loss
+
+
+logger = logging.getLogger(__name__)
+
+PHASE_GROUPS = {"real": {"comp"}, "reg": {"fg", "joint"}}
+
+
+@dataclass
+class TrainConfig(BFSConfig):
+    """BFS stage 2. Besides BFSConfig / CommonConfig fields:"""
+
+    pairs_dir: str = ""  # real (composite, background, box, caption) pairs for L_real (kind `pair`)
+    triplets_dir: str = ""  # the stage-1 synthetic triplets for L_reg (kind `triplet`)
+    lambda_comp_real: float = 0.0  # L_comp weight in the L_real step (the issue: none)
+    output_name: str = "bfs_stage2.safetensors"
+
+
+@dataclass
+class TrainResult:
+    weights: Path
+    losses: list[float]
+    first_step: int
+
+
+def phase_of(step: int) -> str:
+    """Phase of optimiser step `step` (1-based): odd -> L_real, even -> L_reg."""
+    return "real" if step % 2 == 1 else "reg"
+
+
+def phase_batches_done(step_done: int) -> dict[str, int]:
+    """Optimiser steps each phase has taken after `step_done` steps (fixes both data orders on resume)."""
+    return {"real": (step_done + 1) // 2, "reg": step_done // 2}
+
+
+def real_loss(model, phi, b, cfg: TrainConfig, device, noise_mode: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 8: ‖v*_C − v_C(z_C^σ, z_F̃^σ, σ)‖² with b.fg the surrogate F̃ = C·M latent."""
+    sigma, weight = sample_sigmas(
+        b.comp.shape[0], cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, device
+    )
+    noise_comp, noise_fg = draw_noise(b.comp, noise_mode)
+    x_comp = noisy_latents(b.comp, noise_comp, sigma)
+    x_fg = noisy_latents(b.fg, noise_fg, sigma)
+    dtype = b.fill_cond.dtype
+    v_comp, v_fg = model(
+        x_comp.to(dtype), x_fg.to(dtype), b.fill_cond, b.prompt_embeds, b.pooled, sigma, sigma, b.img_ids, cfg.guidance
+    )
+    l_real = flow_matching_loss(v_comp, noise_comp, b.comp, weight)  # target v* = noise − z_C
+    loss, parts = l_real, {"loss_real": l_real.item()}
+    if cfg.lambda_comp_real:
+        comp_hat = one_step_estimate(x_comp, v_comp.float(), sigma)
+        fg_hat = one_step_estimate(x_fg, v_fg.float(), sigma)
+        l_comp = packed_composition_loss(phi, fg_hat, b.z_bg, comp_hat)
+        loss, parts["loss_comp_real"] = loss + cfg.lambda_comp_real * l_comp, l_comp.item()
+    return loss, parts
+
+
+def reg_loss(model, phi, b, cfg: TrainConfig, device, noise_mode: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 9 + 0.1·L_comp: composite branch clean at sigma_C = 0, foreground branch noised at sigma."""
+    sigma, weight = sample_sigmas(
+        b.comp.shape[0], cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, device
+    )
+    _, noise_fg = draw_noise(b.fg, noise_mode)  # same number of draws in both noise modes' fg stream
+    x_fg = noisy_latents(b.fg, noise_fg, sigma)
+    sigma_comp = torch.zeros_like(sigma)  # the paper's "t = 0": the clean composite latent
+    dtype = b.fill_cond.dtype
+    v_comp, v_fg = model(
+        b.comp.to(dtype),
+        x_fg.to(dtype),
+        b.fill_cond,
+        b.prompt_embeds,
+        b.pooled,
+        sigma_comp,
+        sigma,
+        b.img_ids,
+        cfg.guidance,
+    )
+    l_reg = flow_matching_loss(v_fg, noise_fg, b.fg, weight)  # target v* = noise − z_F
+    comp_hat = one_step_estimate(b.comp, v_comp.float(), sigma_comp)  # = z_C exactly (sigma_C = 0)
+    fg_hat = one_step_estimate(x_fg, v_fg.float(), sigma)
+    l_comp = packed_composition_loss(phi, fg_hat, b.z_bg, comp_hat)
+    loss = l_reg + cfg.lambda_comp * l_comp
+    return loss, {"loss_reg": l_reg.item(), "loss_comp": l_comp.item()}
+
+
+def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None = None) -> TrainResult:
+    # Each phase leaves the other phase's parameters without gradients: DDP must be told.
+    accelerator = make_accelerator(cfg, [DistributedDataParallelKwargs(find_unused_parameters=True)])
+    set_seed(cfg.seed)
+    device, dtype = accelerator.device, weight_dtype(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    datasets = {
+        "real": ManifestDataset(cfg.pairs_dir, "pair", cfg.resolution),
+        "reg": ManifestDataset(cfg.triplets_dir, "triplet", cfg.resolution),
+    }
+    summary = config_summary(cfg, derived_numbers(cfg, accelerator, {k: len(v) for k, v in datasets.items()}))
+    logger.info("stage 2 config:\n%s", summary)
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(summary)
+        bad = [(f"{phase}:{n}", r) for phase, ds in datasets.items() for n, r in ds.bad]
+        (out / "bad_samples.txt").write_text("".join(f"{n}\t{r}\n" for n, r in bad))
+    texts = TextEmbeddingCache(cfg.text_cache_dir or out / "text_cache")
+    with accelerator.main_process_first():
+        captions = [e["caption"] for ds in datasets.values() for e in ds.entries]
+        texts.prepare(captions, cfg.text_encoders or cfg.flux_fill, cfg.max_sequence_length)
+    encoder = LatentEncoder(cfg.vae or str(Path(cfg.flux_fill) / "vae"), cfg.rgba_vae, device, dtype)
+
+    model = load_dual_model(cfg, device, dtype)
+    noise_mode = model.config.noise
+    params = set_phase_trainable(model, PHASE_GROUPS["real"] | PHASE_GROUPS["reg"])
+    phase_params = {phase: set_phase_trainable(model, groups) for phase, groups in PHASE_GROUPS.items()}
+    logger.info("trainable: %s", {k: f"{sum(p.numel() for p in v) / 1e6:.2f} M" for k, v in phase_params.items()})
+    phi = load_frozen_phi(cfg.phi, device, dtype)
+    optimizer = make_optimizer(params, cfg)  # one optimiser; a phase's step skips parameters whose grad is None
+    lr_scheduler = make_lr_scheduler(optimizer, cfg, accelerator)
+    register_hooks(accelerator)
+    unwrapped = model
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("bfs_stage2")
+
+    global_step = 0
+    resume = resolve_resume(cfg)
+    if resume is not None:
+        global_step = load_checkpoint(accelerator, resume)["global_step"]
+    done = phase_batches_done(global_step)
+    batches = {
+        phase: iter(
+            make_loader(
+                ds,
+                cfg.batch_size,
+                cfg.seed + (0 if phase == "real" else 1),
+                done[phase] * cfg.gradient_accumulation_steps,
+                accelerator,
+                cfg.num_workers,
+            )
+        )
+        for phase, ds in datasets.items()
+    }
+    val_batch = None
+    if cfg.validation_steps:
+        val_batch = validation_batch(datasets["real"], cfg, encoder, texts, device, dtype, surrogate=True)
+    losses_fn = {"real": real_loss, "reg": reg_loss}
+    metrics = MetricsLog(accelerator, out)
+    losses = []
+    bar = tqdm(
+        range(cfg.max_steps), initial=global_step, desc="stage 2", disable=not accelerator.is_local_main_process
+    )
+
+    while global_step < cfg.max_steps:
+        phase = phase_of(global_step + 1)
+        set_phase_trainable(unwrapped, PHASE_GROUPS[phase])  # only this phase's parameters get gradients
+        step_loss, parts = 0.0, {}
+        for _ in range(cfg.gradient_accumulation_steps):
+            b = encode_batch(next(batches[phase]), encoder, texts, cfg, device, dtype, surrogate=phase == "real")
+            with accelerator.accumulate(model):
+                loss, parts = losses_fn[phase](model, phi, b, cfg, device, noise_mode)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(phase_params[phase], cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.item() / cfg.gradient_accumulation_steps
+        global_step += 1
+        losses.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(phase=phase, loss=f"{step_loss:.4f}")
+        metrics.log(global_step, {f"loss_{phase}_total": step_loss, **parts, "lr": lr_scheduler.get_last_lr()[0]})
+        if callback is not None:
+            callback(global_step, {"phase": phase, "loss": step_loss, **parts}, unwrapped)
+        if global_step % cfg.log_steps == 0:
+            metrics.draw()
+        if val_batch is not None and global_step % cfg.validation_steps == 0 and accelerator.is_main_process:
+            write_samples(accelerator, unwrapped, val_batch, encoder, cfg, global_step)
+        if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_steps:
+            save_checkpoint(accelerator, cfg, {"global_step": global_step, "stage": "stage2"})
+
+    bar.close()
+    metrics.draw()
+    final = out / cfg.output_name
+    if accelerator.is_main_process:
+        save_weights(unwrapped, final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    logger.info("stage 2 done at step %d; weights: %s", global_step, final)
+    return TrainResult(weights=final, losses=losses, first_step=global_step - len(losses) + 1)
