@@ -1,0 +1,1 @@
+"""Tests against a real ComfyUI server (see conftest.py). A package: its conftest must not shadow tests/conftest.py."""
