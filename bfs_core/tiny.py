@@ -109,6 +109,9 @@ def write_tiny_set(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         paths[f"bfs_{preset}"] = bfs_dir / f"bfs_{preset}_tiny.safetensors"
         save_bfs_weights(model, paths[f"bfs_{preset}"])
 
+    from .models.layer_decomposition import write_tiny_decomposition
+
+    paths.update(write_tiny_decomposition(out_dir / "decomposition", paths["diffusers"]))
     try:
         from .models.rgba_vae import write_tiny_rgba_vaes
     except ImportError:  # the RGBA decoders are optional for the core set

@@ -1,7 +1,6 @@
 """The pack's ComfyUI nodes (V3 schema). Imported only inside ComfyUI; `bfs_core` does the work.
 
-Node ids are stable and prefixed `BFS`. `BFSDecomposeLayers` ("Decompose Layers") is reserved for the
-Outpaint-and-Remove decomposition node.
+Node ids are stable and prefixed `BFS`.
 """
 
 from __future__ import annotations
@@ -18,18 +17,16 @@ folder_paths.add_model_folder_path("bfs", os.path.join(folder_paths.models_dir, 
 folder_paths.folder_names_and_paths["bfs"] = (folder_paths.get_folder_paths("bfs"),
                                               folder_paths.supported_pt_extensions)  # fmt: skip
 
-from .layers import LayerNodes  # noqa: E402  (the folder must be registered before the schemas list it)
+from .decompose import DecomposeNodes  # noqa: E402  (the folder must be registered before the schemas list it)
+from .layers import LayerNodes  # noqa: E402
 from .loaders import LoaderNodes  # noqa: E402
 from .sampling import SamplingNodes  # noqa: E402
-
-
-RESERVED_NODE_IDS = ("BFSDecomposeLayers",)
 
 
 class BFSExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        extensions = [LoaderNodes(), SamplingNodes(), LayerNodes()]
+        extensions = [LoaderNodes(), SamplingNodes(), LayerNodes(), DecomposeNodes()]
         if os.environ.get("BFS_TEST_NODES") == "1":
             from .testing import TestingNodes
 

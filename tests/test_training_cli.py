@@ -58,10 +58,11 @@ def test_overrides_are_typed_and_unknown_keys_fail(tmp_path):
         load_config(train_stage1.TrainConfig, None, parse_overrides(["--max_steps=many"]))
 
 
-def test_command_names_and_decompose_extension_point(capsys):
-    assert set(COMMANDS) == {"phi", "stage1", "stage2", "decompose", "synth-data"}
-    assert cli(["decompose", "--config", str(CONFIGS / "decompose.yaml")]) != 0
-    assert "not available yet" in capsys.readouterr().err
+def test_command_names_and_a_missing_dataset_is_named(capsys, tmp_path):
+    assert {"phi", "stage1", "stage2", "decompose", "decompose-data", "synth-data"} <= set(COMMANDS)
+    missing = tmp_path / "no_such_dataset"
+    assert cli(["decompose", "--config", str(CONFIGS / "decompose.yaml"), f"--data_dir={missing}"]) != 0
+    assert f"{missing}/manifest.jsonl not found" in capsys.readouterr().err
 
 
 def test_bad_samples_are_reported_by_name_and_skipped(tmp_path, caplog):

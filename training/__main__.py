@@ -1,4 +1,4 @@
-"""``python -m training phi|stage1|stage2|decompose|synth-data --config FILE [--key=value ...]``.
+"""``python -m training <command> --config FILE [--key=value ...]`` (commands: see COMMANDS below).
 
 Each command module exposes a `TrainConfig` (or `SynthConfig`) dataclass and `main(cfg)`; the result's path is
 printed last. Under several processes use `accelerate launch --config_file training/accelerate/<x>.yaml -m training`.
@@ -19,7 +19,8 @@ COMMANDS = {
     "phi": ("training.train_phi", "TrainConfig", "train Φ, the latent composition network (eq. 16, Tab. A3)"),
     "stage1": ("training.train_stage1", "TrainConfig", "BFS stage 1: L_flow + 0.1 L_comp on synthetic triplets"),
     "stage2": ("training.train_stage2", "TrainConfig", "BFS stage 2: alternate L_real and L_reg + 0.1 L_comp"),
-    "decompose": ("training.decompose", "TrainConfig", "Outpaint-and-Remove decomposition (not available yet)"),
+    "decompose": ("training.train_decompose", "TrainConfig", "Outpaint-and-Remove: flow loss on both layers"),
+    "decompose-data": ("training.decomposition_data", "DataConfig", "decomposition training set (1–3 layers)"),
     "synth-data": ("training.synth_data", "SynthConfig", "build synthetic triplets from object-removal pairs (A.3)"),
 }
 

@@ -1,0 +1,916 @@
+"""Outpaint-and-Remove layer decomposition on FLUX.1-Fill-dev: image + mask -> RGBA foreground + clean background.
+
+Sequence design (the paper's "two separate sequences, one per layer, in one DiT call"):
+    the two sequences are the two halves of one transformer batch, laid out exactly as the BFS dual-branch model lays
+    out its branches (`dual_flux.py`): rows [0, N) are the **background** sequence (dual_flux branch name `comp`),
+    rows [N, 2N) the **foreground** sequence (branch `fg`). They interact through dual_flux's joint module: in every
+    single-stream block each sequence's queries attend to the other sequence's keys/values (cross-layer attention at
+    aligned positions) and the message is added to the block's attention output through a zero-initialised post
+    projection. We chose this over one joint sequence of 2L tokens (with a position offset between the layers)
+    because
+      * at the initial values the background rows are *exactly* Flux-Fill's computation (the joint message is an
+        exact zero and the LoRA deltas are exact zeros); a joint sequence would let background tokens attend to
+        foreground tokens from step 0 and only approximate Flux-Fill;
+      * attention cost is the same 4·L² scores either way, the whole machinery (per-branch LoRA, joint module,
+        fp8 storage, gradient checkpointing) is already written and tested once in `dual_flux.py`.
+    The price: the LoRA is per layer (each sequence has its own adapter, BranchLoRALinear), i.e. twice the
+    parameters of the paper's single adapter at the same rank; it also lets the two very different tasks (removal vs
+    outpainting with alpha) adapt separately.
+
+Per-token channel layout of both sequences (`CHANNEL_LAYOUT`, 64 + 320 + F = 448 with the default F = 64):
+    [noisy latent 64 | context image latent 64 | context mask 256 | fused multi-modal context F]
+    background context = Flux-Fill's own: latent of I·(1 − M) and the packed mask M;
+    foreground context = the paper's c^f_{I−M}: latent of I·M (what to preserve of the object) and the packed mask M.
+    The first 384 channels are Flux-Fill's input layout, so the grown input projection (`x_embedder`, trainable) keeps
+    the pretrained columns and gets zero columns for the fused context.
+
+Multi-modal context: edge (Canny, `canny_edges`), segmentation and depth maps are VAE-encoded like images and packed
+into tokens; `MultiModalLatentFusion` summarises all of them with a constant number of latent queries (read:
+latents <- all modality tokens; process: latent self-attention; write: every image position <- the latents), so time
+and memory are linear in the number of tokens. Absent modalities are left out; with none, the fused channels are
+zero (the paper's "w/o multi-modal" ablation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..layer_math import resize_rgba
+from ..pipeline import processing_size, resize_images, resize_mask
+from ..sampling.flow_match import (
+    InterruptCheck,
+    StepCallback,
+    fill_condition,
+    latent_image_ids,
+    pack_latents,
+    sample_dual,
+    unpack_latents,
+)
+from .dual_flux import (
+    DualBranchConfig,
+    _as_rows,
+    bfs_state_dict,
+    dual_branch_config,
+    parameter_group,
+    patch_dual_branch,
+    prepare_for_inference,
+    reset_inference_state,
+)
+
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "bfs-decomposition"
+FORMAT_VERSION = "1"
+MODALITIES = ("edge", "segmentation", "depth")
+LATENT_CHANNELS = 64  # packed: 16 latent channels × 2 × 2
+FILL_CONTEXT_CHANNELS = 320  # packed image latent 64 | packed mask 256
+FILL_IN_CHANNELS = LATENT_CHANNELS + FILL_CONTEXT_CHANNELS  # 384, FLUX.1-Fill-dev's input
+
+
+@dataclass(frozen=True)
+class DecompositionConfig:
+    """The decomposition model on top of a Flux-Fill transformer.
+
+    Args:
+        lora_rank: rank of the per-layer LoRA on every attention and feed-forward Linear (paper: 256; 128 and 1024
+            are its ablations).
+        lora_alpha: LoRA alpha (`None` = rank, scale 1).
+        joint_rank: rank of the cross-layer (joint) module's direction-specific LoRAs.
+        joint_placement: `"single"` (the 38 single-stream blocks) or `"all"` blocks get the joint module.
+        joint_post: `"linear"` (zero-init D×D) or `"mlp"` post projection of the joint messages.
+        modalities: the multi-modal contexts the fusion module knows (subset of `MODALITIES`, in order).
+        fusion_dim: width of the fusion module.
+        fusion_latents: number of latent queries (constant, independent of the image size).
+        fusion_heads: attention heads of the fusion module.
+        fusion_channels: channels the fusion output adds to every token (F in the channel layout).
+        noise: starting noise of the two sequences: `"independent"` draws or one `"shared"` draw.
+    """
+
+    lora_rank: int = 256
+    lora_alpha: float | None = None
+    joint_rank: int = 16
+    joint_placement: str = "single"
+    joint_post: str = "linear"
+    modalities: tuple[str, ...] = MODALITIES
+    fusion_dim: int = 256
+    fusion_latents: int = 32
+    fusion_heads: int = 4
+    fusion_channels: int = 64
+    noise: str = "independent"
+
+    def __post_init__(self):
+        object.__setattr__(self, "modalities", tuple(self.modalities))
+        checks = [
+            ("lora_rank", self.lora_rank >= 1, "an integer >= 1"),
+            ("joint_rank", self.joint_rank >= 1, "an integer >= 1"),
+            ("modalities", set(self.modalities) <= set(MODALITIES), f"a subset of {list(MODALITIES)}"),
+            ("fusion_dim", self.fusion_dim % max(self.fusion_heads, 1) == 0, "a multiple of fusion_heads"),
+            ("fusion_dim", self.fusion_dim % 4 == 0, "a multiple of 4 (2-D sine positions)"),
+            ("fusion_latents", self.fusion_latents >= 1, "an integer >= 1"),
+            ("fusion_channels", self.fusion_channels >= 1, "an integer >= 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"DecompositionConfig `{name}` must be {expected} but got {getattr(self, name)!r}.")
+        DualBranchConfig(**self.dual_fields())  # validates placement, post and noise
+
+    def dual_fields(self) -> dict:
+        return dict(
+            content_rank=self.lora_rank,
+            content_alpha=self.lora_alpha,
+            joint_rank=self.joint_rank,
+            joint_placement=self.joint_placement,
+            joint_post=self.joint_post,
+            noise=self.noise,
+        )
+
+    @property
+    def in_channels(self) -> int:
+        return FILL_IN_CHANNELS + self.fusion_channels
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the per-sample condition tensor: bg context 320 | fg context 320 | fused F."""
+        return 2 * FILL_CONTEXT_CHANNELS + self.fusion_channels
+
+    def channel_layout(self) -> list[tuple[str, int]]:
+        return [
+            ("noisy_latent", LATENT_CHANNELS),
+            ("context_image_latent", 64),
+            ("context_mask", 256),
+            ("fused_multimodal", self.fusion_channels),
+        ]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DecompositionConfig:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Decomposition config has unknown fields {unknown}; this pack knows {sorted(known)}.")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Edge maps (Canny, in torch: no OpenCV dependency)
+
+
+def _gaussian_kernel(sigma: float, device, dtype) -> torch.Tensor:
+    radius = max(1, int(math.ceil(2 * sigma)))
+    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+@torch.no_grad()
+def canny_edges(images: torch.Tensor, low: float = 0.1, high: float = 0.2, sigma: float = 1.4) -> torch.Tensor:
+    """Canny edge map of [B, 3, H, W] images in [0, 1] -> [B, 3, H, W] binary map (white edges, replicated to RGB).
+
+    Gaussian blur, Sobel gradients, non-maximum suppression along 4 quantised directions, double threshold
+    (`low`/`high` on the gradient magnitude of a [0, 1] image) and hysteresis by iterated 8-neighbour growth.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"`images` must be [B, 3, H, W] but got {list(images.shape)}.")
+    x = images.float()
+    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]  # [B, 1, H, W]
+    k = _gaussian_kernel(sigma, x.device, x.dtype)
+    r = k.numel() // 2
+    gray = F.conv2d(F.pad(gray, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    gray = F.conv2d(F.pad(gray, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device)
+    padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
+    gx = F.conv2d(padded, sobel_x.view(1, 1, 3, 3))
+    gy = F.conv2d(padded, sobel_x.t().contiguous().view(1, 1, 3, 3))
+    mag = torch.sqrt(gx**2 + gy**2)
+    # Quantise the gradient direction to 0°, 45°, 90°, 135° and keep only local maxima across the edge.
+    angle = torch.rad2deg(torch.atan2(gy, gx)) % 180
+    sector = ((angle + 22.5) // 45).long() % 4
+    neighbours = {0: (0, 1), 1: (1, 1), 2: (1, 0), 3: (1, -1)}  # (dy, dx) across the edge, image rows go down
+    padded_mag = F.pad(mag, (1, 1, 1, 1))
+    h, w = mag.shape[-2:]
+    keep = torch.zeros_like(mag, dtype=torch.bool)
+    for s, (dy, dx) in neighbours.items():
+        a = padded_mag[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+        b = padded_mag[..., 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w]
+        keep |= (sector == s) & (mag >= a) & (mag >= b)
+    thin = mag * keep
+    strong, weak = thin >= high, thin >= low
+    for _ in range(h + w):  # hysteresis: grow strong edges through weak ones until nothing changes
+        grown = weak & (F.max_pool2d(strong.float(), 3, 1, 1) > 0)
+        if torch.equal(grown, strong):
+            break
+        strong = grown
+    return strong.to(images.dtype).expand(-1, 3, -1, -1).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Segmentation / depth maps from transformers models in local folders (headless; ComfyUI users wire preprocessors)
+
+
+_PALETTE_SEED = 1234
+
+
+def _label_colors(labels: torch.Tensor) -> torch.Tensor:
+    """[B, H, W] integer labels -> [B, 3, H, W] fixed pseudo-random colours (same label, same colour)."""
+    gen = torch.Generator().manual_seed(_PALETTE_SEED)
+    palette = torch.rand(int(labels.max()) + 1, 3, generator=gen)
+    return palette[labels.cpu()].permute(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W]
+
+
+@torch.no_grad()
+def estimate_depth(images: torch.Tensor, model_dir: str | os.PathLike) -> torch.Tensor:
+    """Depth map (Depth-Anything-V2 or any `AutoModelForDepthEstimation` folder) -> [B, 3, H, W] in [0, 1]."""
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForDepthEstimation.from_pretrained(model_dir, local_files_only=True).eval()
+    inputs = processor(images=list(images.float().cpu()), return_tensors="pt", do_rescale=False)
+    depth = model(**inputs).predicted_depth  # [B, h, w]
+    depth = F.interpolate(depth[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
+    lo = depth.amin(dim=(1, 2, 3), keepdim=True)
+    hi = depth.amax(dim=(1, 2, 3), keepdim=True)
+    return ((depth - lo) / (hi - lo).clamp_min(1e-6)).expand(-1, 3, -1, -1).contiguous()
+
+
+@torch.no_grad()
+def estimate_segmentation(images: torch.Tensor, model_dir: str | os.PathLike) -> torch.Tensor:
+    """Semantic segmentation (SegFormer or any `AutoModelForSemanticSegmentation` folder) -> colour map [B,3,H,W]."""
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+    processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForSemanticSegmentation.from_pretrained(model_dir, local_files_only=True).eval()
+    inputs = processor(images=list(images.float().cpu()), return_tensors="pt", do_rescale=False)
+    logits = F.interpolate(model(**inputs).logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return _label_colors(logits.argmax(dim=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Multi-modal latent fusion (Perceiver-style, linear in the number of tokens)
+
+
+def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
+    """2-D sine/cosine position embedding [L, dim] (half the channels for rows, half for columns)."""
+    quarter = dim // 4
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(quarter, device=rows.device, dtype=torch.float32) / quarter)
+    parts = []
+    for pos in (rows, cols):
+        angle = pos.float()[:, None] * freqs[None]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=-1)
+
+
+class _AttentionBlock(nn.Module):
+    """Pre-norm multi-head attention of `x` [N, Q, d] over `context` [N, S, d], then an MLP; both residual."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.norm_x = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * dim, dim)
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        c = self.norm_context(context)
+        q, k, v = self.to_q(self.norm_x(x)), self.to_k(c), self.to_v(c)
+        # [N, S, H*D] -> [N, H, S, D]; SDPA's memory is O(Q·S) at most, and Q or S is the constant latent count.
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # [N, H, Q, D] -> [N, Q, H*D]
+        x = x + self.to_out(out)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class MultiModalLatentFusion(ModelMixin, ConfigMixin):
+    """Summarise all modality tokens with a constant number of latent queries, then let each position read them.
+
+    Cost: read O(K·M·L), process O(K²), write O(L·K) for K latents, M modalities and L tokens per map: linear in the
+    number of tokens.
+
+    Args:
+        modalities: the modality names, in order (each gets a learned type embedding).
+        token_channels: channels of a packed modality token (64: a packed Flux latent).
+        dim: internal width.
+        num_latents: K, the latent queries.
+        heads: attention heads.
+        out_channels: channels of the per-position output.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        *,
+        modalities: tuple[str, ...] = MODALITIES,
+        token_channels: int = LATENT_CHANNELS,
+        dim: int = 256,
+        num_latents: int = 32,
+        heads: int = 4,
+        out_channels: int = 64,
+    ):
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.token_in = nn.Linear(token_channels, dim)
+        self.query_in = nn.Linear(token_channels, dim)
+        self.modality_embed = nn.Parameter(torch.randn(len(self.modalities), dim) * 0.02)
+        self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
+        self.read = _AttentionBlock(dim, heads)
+        self.process = _AttentionBlock(dim, heads)
+        self.write = _AttentionBlock(dim, heads)
+        self.norm_out = nn.LayerNorm(dim)
+        self.proj_out = nn.Linear(dim, out_channels)
+
+    def forward(
+        self, modality_tokens: Mapping[str, torch.Tensor], query_tokens: torch.Tensor, img_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Fused context per position.
+
+        Args:
+            modality_tokens: name -> packed tokens [N, L, token_channels]; any subset of `modalities` (may be empty).
+            query_tokens: packed tokens of the image itself, [N, L, token_channels] (what each position looks like).
+            img_ids: [L, 3] position ids (0, row, col) of the packed grid.
+
+        Returns:
+            [N, L, out_channels]; exactly zero when no modality is given (the "w/o multi-modal" ablation).
+        """
+        n, length, _ = query_tokens.shape
+        unknown = sorted(set(modality_tokens) - set(self.modalities))
+        if unknown:
+            raise ValueError(f"Unknown modalities {unknown}; this fusion module knows {list(self.modalities)}.")
+        present = [m for m in self.modalities if m in modality_tokens]
+        if not present:
+            return query_tokens.new_zeros(n, length, self.config.out_channels)
+        dtype = self.token_in.weight.dtype
+        pos = sincos_2d(img_ids[:, 1], img_ids[:, 2], self.config.dim).to(dtype)  # [L, d]
+        context = []
+        for m in present:
+            tokens = modality_tokens[m]
+            if tokens.shape[:2] != (n, length):
+                raise ValueError(f"Modality `{m}` tokens must be [{n}, {length}, C] but got {list(tokens.shape)}.")
+            index = self.modalities.index(m)
+            context.append(self.token_in(tokens.to(dtype)) + self.modality_embed[index] + pos)
+        context = torch.cat(context, dim=1)  # [N, M·L, d]
+        latents = self.latents.expand(n, -1, -1)  # [N, K, d]
+        latents = self.read(latents, context)
+        latents = self.process(latents, latents)
+        out = self.write(self.query_in(query_tokens.to(dtype)) + pos, latents)  # [N, L, d]
+        return self.proj_out(self.norm_out(out))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Input projection grown to the new channel count
+
+
+def grow_input_projection(transformer: FluxTransformer2DModel, in_channels: int) -> nn.Linear:
+    """Replace `x_embedder` by a Linear with `in_channels` inputs: old columns copied, new columns zero."""
+    old = transformer.x_embedder
+    if old.in_features == in_channels:
+        return old
+    if old.in_features != FILL_IN_CHANNELS or in_channels < FILL_IN_CHANNELS:
+        raise ValueError(
+            f"The transformer's input projection must have {FILL_IN_CHANNELS} inputs (FLUX.1-Fill-dev) to grow to "
+            f"{in_channels}, but has {old.in_features}. Load FLUX.1-Fill-dev as the base."
+        )
+    new = nn.Linear(in_channels, old.out_features, device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_features] = old.weight
+        new.bias.copy_(old.bias)
+    transformer.x_embedder = new
+    return new
+
+
+def _group(name: str) -> str:
+    """Trainable group of a LayerDecomposition parameter: lora_bg, lora_fg, joint, input_proj, fusion, or base."""
+    if name.startswith("fusion."):
+        return "fusion"
+    if name.startswith("transformer.x_embedder."):
+        return "input_proj"
+    inner = parameter_group(name.removeprefix("transformer."))
+    return {"comp": "lora_bg", "fg": "lora_fg", "joint": "joint"}.get(inner, "base")
+
+
+TRAINABLE_GROUPS = ("lora_bg", "lora_fg", "joint", "input_proj", "fusion")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class LayerDecomposition(nn.Module):
+    """Outpaint-and-Remove: a Flux-Fill transformer with per-layer LoRA, the joint module between the background and
+    foreground sequences, a grown input projection and the multi-modal fusion module.
+
+    Args:
+        transformer: a diffusers `FluxTransformer2DModel` with the Fill layout (384 inputs); patched in place.
+        config: a `DecompositionConfig`.
+    """
+
+    has_foreground = True
+
+    def __init__(self, transformer: FluxTransformer2DModel, config: DecompositionConfig):
+        super().__init__()
+        dual = DualBranchConfig(**config.dual_fields())
+        current = dual_branch_config(transformer)
+        if current is None:
+            patch_dual_branch(transformer, dual)
+        elif current != dual:
+            raise ValueError(f"The transformer is already patched with {current}, not {dual}.")
+        grow_input_projection(transformer, config.in_channels)
+        self.transformer = transformer
+        self.config = config
+        like = transformer.x_embedder.weight
+        self.fusion = MultiModalLatentFusion(
+            modalities=config.modalities,
+            dim=config.fusion_dim,
+            num_latents=config.fusion_latents,
+            heads=config.fusion_heads,
+            out_channels=config.fusion_channels,
+        ).to(like.device)
+        with torch.no_grad():  # in place rather than ModelMixin.to(dtype), which warns about keep-in-fp32 modules
+            for param in self.fusion.parameters():
+                param.data = param.data.to(like.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.x_embedder.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.x_embedder.weight.device
+
+    @property
+    def latent_channels(self) -> int:
+        return LATENT_CHANNELS
+
+    @property
+    def fusion_channels(self) -> int:
+        return self.config.fusion_channels
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter that is not frozen Flux: LoRAs, joint modules, the input projection, the fusion module."""
+        out = {f"transformer.{k}": v for k, v in bfs_state_dict(self.transformer).items()}
+        out.update({f"transformer.x_embedder.{k}": v for k, v in self.transformer.x_embedder.state_dict().items()})
+        out.update({f"fusion.{k}": v for k, v in self.fusion.state_dict().items()})
+        return out
+
+    def set_trainable(self, groups: set[str] | frozenset[str] = frozenset(TRAINABLE_GROUPS)) -> list[nn.Parameter]:
+        unknown = set(groups) - set(TRAINABLE_GROUPS)
+        if unknown:
+            raise ValueError(f"Trainable groups must be among {list(TRAINABLE_GROUPS)} but got {sorted(unknown)}.")
+        params = []
+        for name, param in self.named_parameters():
+            param.requires_grad_(_group(name) in groups)
+            if param.requires_grad:
+                params.append(param)
+        return params
+
+    def fuse(
+        self, modality_tokens: Mapping[str, torch.Tensor], query_tokens: torch.Tensor, img_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return self.fusion(modality_tokens, query_tokens, img_ids)
+
+    def forward(
+        self,
+        bg_latents: torch.Tensor,
+        fg_latents: torch.Tensor,
+        condition: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        timestep_bg: torch.Tensor | float,
+        timestep_fg: torch.Tensor | float,
+        img_ids: torch.Tensor,
+        guidance: torch.Tensor | float = 30.0,
+        txt_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Velocities of both sequences in one transformer call (the call signature of `sample_dual`'s model).
+
+        Args:
+            bg_latents, fg_latents: packed noisy latents [N, L, 64] (background: Flux latents; foreground: the RGBA
+                VAE's latents).
+            condition: [N, L, 320 + 320 + F] = background context | foreground context | fused multi-modal context.
+            prompt_embeds [N, T, J], pooled [N, P]: text conditioning (an empty prompt is fine).
+            timestep_bg, timestep_fg: sigma per sequence (number or [N]).
+            img_ids: [L, 3]; txt_ids: [T, 3] (zeros when None); guidance: 30 for Fill.
+
+        Returns:
+            (v_bg, v_fg), each [N, L, 64].
+        """
+        n, length, channels = bg_latents.shape
+        if fg_latents.shape != bg_latents.shape or channels != LATENT_CHANNELS:
+            raise ValueError(
+                f"`bg_latents` and `fg_latents` must both be [N, L, {LATENT_CHANNELS}] but got "
+                f"{list(bg_latents.shape)} and {list(fg_latents.shape)}."
+            )
+        expected = (n, length, self.config.condition_channels)
+        if tuple(condition.shape) != expected:
+            raise ValueError(
+                f"`condition` must be {list(expected)} (bg context 320 | fg context 320 | fused "
+                f"{self.config.fusion_channels}) but got {list(condition.shape)}."
+            )
+        if prompt_embeds.shape[0] != n or pooled.shape[0] != n:
+            raise ValueError(f"Text conditioning has batch {prompt_embeds.shape[0]}/{pooled.shape[0]}, expected {n}.")
+        if txt_ids is None:
+            txt_ids = prompt_embeds.new_zeros(prompt_embeds.shape[1], 3)
+        c = FILL_CONTEXT_CHANNELS
+        bg_ctx, fg_ctx, fused = condition[..., :c], condition[..., c : 2 * c], condition[..., 2 * c :]
+        # [N, L, 64] ×2 -> [2N, L, 64 + 320 + F]: background rows first (dual_flux's `comp`), then foreground rows.
+        hidden = torch.cat(
+            [torch.cat([bg_latents, bg_ctx, fused], -1), torch.cat([fg_latents, fg_ctx, fused], -1)], dim=0
+        ).to(self.dtype)
+        timestep = torch.cat(
+            [_as_rows(timestep_bg, n, "timestep_bg", hidden), _as_rows(timestep_fg, n, "timestep_fg", hidden)]
+        )
+        out = self.transformer(
+            hidden_states=hidden,
+            encoder_hidden_states=prompt_embeds.to(self.dtype).repeat(2, 1, 1),
+            pooled_projections=pooled.to(self.dtype).repeat(2, 1),
+            timestep=timestep.to(hidden.dtype),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=_as_rows(guidance, n, "guidance", hidden).repeat(2)
+            if self.transformer.config.guidance_embeds
+            else None,
+            return_dict=False,
+        )[0]
+        return out[:n], out[n:]
+
+
+class FluxFillBaseline(nn.Module):
+    """Plain FLUX.1-Fill-dev behind the decomposition call signature: the background sequence only (object removal
+    by inpainting, the paper's baseline row). The foreground output mirrors the background and is never decoded."""
+
+    has_foreground = False
+    fusion_channels = 0
+
+    def __init__(self, transformer: FluxTransformer2DModel):
+        super().__init__()
+        if transformer.x_embedder.in_features != FILL_IN_CHANNELS:
+            raise ValueError(
+                f"The baseline needs plain FLUX.1-Fill-dev ({FILL_IN_CHANNELS} inputs) but the transformer has "
+                f"{transformer.x_embedder.in_features}. Load the base model without decomposition weights."
+            )
+        self.transformer = transformer
+        self.config = DecompositionConfig()  # only `noise` is read (by the sampler)
+
+    dtype = LayerDecomposition.dtype
+    device = LayerDecomposition.device
+    latent_channels = LayerDecomposition.latent_channels
+
+    def fuse(self, modality_tokens, query_tokens: torch.Tensor, img_ids) -> torch.Tensor:
+        return query_tokens.new_zeros(*query_tokens.shape[:2], 0)
+
+    def forward(self, bg_latents, fg_latents, condition, prompt_embeds, pooled, timestep_bg, timestep_fg, img_ids,
+                guidance=30.0, txt_ids=None):  # fmt: skip
+        n = bg_latents.shape[0]
+        hidden = torch.cat([bg_latents, condition[..., :FILL_CONTEXT_CHANNELS]], -1).to(self.dtype)
+        if txt_ids is None:
+            txt_ids = prompt_embeds.new_zeros(prompt_embeds.shape[1], 3)
+        out = self.transformer(
+            hidden_states=hidden,
+            encoder_hidden_states=prompt_embeds.to(self.dtype),
+            pooled_projections=pooled.to(self.dtype),
+            timestep=_as_rows(timestep_bg, n, "timestep_bg", hidden).to(hidden.dtype),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=_as_rows(guidance, n, "guidance", hidden) if self.transformer.config.guidance_embeds else None,
+            return_dict=False,
+        )[0]
+        return out, out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Save / load (our safetensors format)
+
+
+def save_decomposition_weights(model: LayerDecomposition, path: str | os.PathLike) -> Path:
+    """Write the trainable weights with metadata (format, config, channel layout, contexts) as safetensors."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_json(),
+        "channel_layout": json.dumps(model.config.channel_layout()),
+        "contexts": json.dumps(
+            {"image_mask": ["background", "foreground"], "multimodal": list(model.config.modalities)}
+        ),
+        "lora_rank": str(model.config.lora_rank),
+    }
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def read_decomposition_weights(path: str | os.PathLike) -> tuple[DecompositionConfig, dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() not in (".safetensors", ".sft"):
+        raise ValueError(
+            f"`weights` must be a decomposition .safetensors file but got {str(path)!r}. Train one with "
+            "`python -m training decompose` (or write a tiny one with `write_tiny_decomposition`)."
+        )
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT_NAME:
+            raise ValueError(
+                f"`{path}` is not a decomposition weights file (metadata format {metadata.get('format')!r}, expected "
+                f"{FORMAT_NAME!r}). BFS weights load with Load BFS; this needs Outpaint-and-Remove weights."
+            )
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return DecompositionConfig.from_json(metadata["config"]), tensors
+
+
+def apply_decomposition_weights(
+    transformer: FluxTransformer2DModel, path: str | os.PathLike, *, source: str | None = None
+) -> LayerDecomposition:
+    """Build the decomposition model around `transformer` from the file's config and load its weights exactly."""
+    config, tensors = read_decomposition_weights(path)
+    model = LayerDecomposition(transformer, config)
+    expected = {k: tuple(v.shape) for k, v in model.trainable_state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [k for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"`{source or path}` does not fit this base model: {len(missing)} missing (first {missing[:3]}), "
+            f"{len(unexpected)} unexpected (first {unexpected[:3]}), {len(wrong)} of the wrong shape (first "
+            f"{wrong[:3]}). Use the FLUX.1-Fill-dev base the weights were trained on."
+        )
+    dtype = model.dtype
+    result = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"Unexpected keys while loading `{path}`: {result.unexpected_keys[:5]}.")
+    prepare_for_inference(transformer, fold=False)  # skips joint modules that are exactly zero; numerics unchanged
+    logger.info(
+        "Loaded decomposition weights %s: LoRA rank %d, joint rank %d (%s), modalities %s, %d tensors",
+        path,
+        config.lora_rank,
+        config.joint_rank,
+        config.joint_placement,
+        list(config.modalities),
+        len(tensors),
+    )
+    return model
+
+
+def load_decomposition_model(
+    base: str | os.PathLike,
+    weights: str | os.PathLike,
+    *,
+    torch_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+) -> LayerDecomposition:
+    """One call: FLUX.1-Fill-dev (any layout `load_flux_fill_transformer` reads) + decomposition weights."""
+    from .flux_fill_loading import load_flux_fill_transformer
+
+    if not Path(weights).exists():
+        raise ValueError(f"`weights` path {str(weights)!r} does not exist; pass the decomposition .safetensors file.")
+    transformer = load_flux_fill_transformer(base, torch_dtype=torch_dtype, device=device)
+    return apply_decomposition_weights(transformer, weights).to(device)
+
+
+def initial_decomposition_model(
+    transformer: FluxTransformer2DModel, config: DecompositionConfig
+) -> LayerDecomposition:
+    """A fresh (untrained) model: adapters and new input columns at their initial values; ready for training."""
+    model = LayerDecomposition(transformer, config)
+    reset_inference_state(transformer)
+    return model
+
+
+def write_tiny_decomposition(out_dir: Path, base_dir: Path) -> dict[str, Path]:
+    """Tiny random (non-zero adapters) decomposition weights for the tiny Flux-Fill under `base_dir`.
+
+    `base_dir` is what `write_tiny_flux_fill` / `write_tiny_set` call `diffusers` (the root holding `transformer/`).
+    Returns {"decomposition": path}.
+    """
+    from .flux_fill_loading import load_flux_fill_transformer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    transformer = load_flux_fill_transformer(base_dir, torch_dtype=torch.float32)
+    config = DecompositionConfig(
+        lora_rank=4, joint_rank=4, fusion_dim=32, fusion_latents=8, fusion_heads=2, fusion_channels=64
+    )
+    model = initial_decomposition_model(transformer, config)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            group = _group(name)
+            if group in ("lora_bg", "lora_fg", "joint"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+            elif name == "transformer.x_embedder.weight":
+                param[:, FILL_IN_CHANNELS:] = (
+                    torch.randn(param.shape[0], param.shape[1] - FILL_IN_CHANNELS, generator=gen) * 0.02
+                )
+    path = save_decomposition_weights(model, out_dir / "decomposition_tiny.safetensors")
+    return {"decomposition": path}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pipeline: images in, layers out
+
+
+def dilate_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Binary [B, 1, H, W] mask grown by `pixels` (square structuring element)."""
+    if pixels <= 0:
+        return mask
+    return F.max_pool2d(mask.float(), 2 * pixels + 1, stride=1, padding=pixels).to(mask.dtype)
+
+
+@dataclass
+class DecompositionResult:
+    """What `DecompositionPipeline.decompose` gives back.
+
+    foreground: straight RGBA [N, 4, H0, W0] at the input size (None for the Flux-Fill baseline).
+    background: RGB [N, 3, H0, W0]: the input outside the (slightly grown) mask, the generated layer inside.
+    fg_latent / bg_latent: [N, 16, h, w] at the processing size. processing_size / original_size: (W, H).
+    """
+
+    foreground: torch.Tensor | None
+    background: torch.Tensor
+    fg_latent: torch.Tensor
+    bg_latent: torch.Tensor
+    processing_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+class DecompositionPipeline:
+    """Outpaint-and-Remove on images around a `LayerDecomposition` (or `FluxFillBaseline`).
+
+    Args:
+        model: the decomposition model (or the Flux-Fill baseline for comparisons).
+        codec: the Flux VAE as an image codec (`encode_images` / `decode_latents`, normalised latents).
+        rgba_decoder: decoder of the foreground latents (`load_rgba_decoder`); may be None for the baseline.
+        scheduler_config: FlowMatchEulerDiscreteScheduler config (the shipped Flux-Fill one).
+    """
+
+    def __init__(self, model, codec, rgba_decoder, scheduler_config: dict):
+        if model.has_foreground and rgba_decoder is None:
+            raise ValueError("`rgba_decoder` is required to decode the foreground: load an RGBA VAE.")
+        self.model = model
+        self.codec = codec
+        self.rgba_decoder = rgba_decoder
+        self.scheduler_config = scheduler_config
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        return pack_latents(self.codec.encode_images(images).float())
+
+    @staticmethod
+    def _check(name: str, x: torch.Tensor | None, n: int, size: tuple[int, int], channels: int) -> None:
+        if x is None:
+            return
+        if x.ndim != 4 or x.shape[1] != channels or x.shape[0] not in (1, n) or tuple(x.shape[-2:]) != size[::-1]:
+            raise ValueError(
+                f"`{name}` must be [{n} or 1, {channels}, {size[1]}, {size[0]}] (the image's size) but got "
+                f"{list(x.shape)}. Resize it to the image."
+            )
+
+    @torch.no_grad()
+    def decompose(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        *,
+        edge: torch.Tensor | None = None,
+        segmentation: torch.Tensor | None = None,
+        depth: torch.Tensor | None = None,
+        compute_edges: bool = True,
+        seed: int = 0,
+        steps: int = 28,
+        guidance: float = 30.0,
+        short_side: int = 512,
+        paste_margin: int = 2,
+        callback: StepCallback | None = None,
+        interrupt: InterruptCheck | None = None,
+    ) -> DecompositionResult:
+        """Split `image` into the object under `mask` (RGBA, occlusions completed) and the background without it.
+
+        Args:
+            image: [N, 3, H, W] in [0, 1]; mask: [N or 1, 1, H, W], 1 = the object (binarised at 0.5).
+            prompt_embeds [N or 1, T, J], pooled [N or 1, P]: text conditioning (an empty prompt works).
+            edge / segmentation / depth: optional [N or 1, 3, H, W] maps in [0, 1]. Without `edge`, a Canny map is
+                computed when `compute_edges`; absent maps are left out of the fusion (never an error).
+            short_side: processing size (see `pipeline.processing_size`); results are mapped back to H × W.
+            paste_margin: the background keeps the input's pixels outside the mask grown by this many pixels (at
+                the input size); only the region under the object is replaced by the generated layer.
+        """
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"`image` must be [N, 3, H, W] but got {list(image.shape)}.")
+        n, _, height, width = image.shape
+        original = (width, height)
+        for name, x, c in (
+            ("mask", mask, 1),
+            ("edge", edge, 3),
+            ("segmentation", segmentation, 3),
+            ("depth", depth, 3),
+        ):
+            self._check(name, x, n, original, c)
+        binary = (mask >= 0.5).float().expand(n, -1, -1, -1)
+        if not binary.flatten(1).any(dim=1).all():
+            raise ValueError("`mask` is empty for at least one image: paint the object to decompose (white).")
+        if prompt_embeds.shape[0] not in (1, n) or pooled.shape[0] != prompt_embeds.shape[0]:
+            raise ValueError(f"Text conditioning batch {prompt_embeds.shape[0]} must be 1 or match the {n} images.")
+        size = processing_size(width, height, short_side)
+        img = resize_images(image.float(), size)
+        m = (resize_mask(binary, size) >= 0.5).float()
+        maps = {"edge": edge, "segmentation": segmentation, "depth": depth}
+        if maps["edge"] is None and compute_edges:
+            maps["edge"] = canny_edges(img)
+        known = getattr(self.model.config, "modalities", ())
+        dev, dtype = self.model.device, self.model.dtype
+
+        # Contexts: background = Flux-Fill's (image outside the mask + mask), foreground = image inside + mask.
+        z_bg_ctx = self.codec.encode_images(img * (1 - m)).float()
+        z_fg_ctx = self.codec.encode_images(img * m).float()
+        h, w = z_bg_ctx.shape[-2:]
+        img_ids = latent_image_ids(h, w, device=dev, dtype=dtype)
+        tokens = {
+            k: self._encode(resize_images(v.float(), size).expand(n, -1, -1, -1)).to(dev)
+            for k, v in maps.items()
+            if v is not None and k in known
+        }
+        fused = self.model.fuse(tokens, self._encode(img).to(dev), img_ids).float()
+        condition = torch.cat(
+            [fill_condition(z_bg_ctx, m.to(z_bg_ctx.device)), fill_condition(z_fg_ctx, m.to(z_fg_ctx.device))], -1
+        ).to(dev)
+        condition = torch.cat([condition, fused.to(dev)], -1).to(dtype)
+        result = sample_dual(
+            self.model,
+            fill_cond=condition,
+            prompt_embeds=prompt_embeds.to(dev, dtype).expand(n, -1, -1),
+            pooled=pooled.to(dev, dtype).expand(n, -1),
+            img_ids=img_ids,
+            scheduler_config=self.scheduler_config,
+            mode="bg2fg",
+            steps=steps,
+            guidance=guidance,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            callback=callback,
+            interrupt=interrupt,
+        )
+        bg_latent, fg_latent = unpack_latents(result.comp, h, w).float(), unpack_latents(result.fg, h, w).float()
+
+        # Paste-back at the native size: the input's own pixels wherever the object was not.
+        region = dilate_mask(binary, paste_margin).to(image.device)
+        generated = resize_images(self.codec.decode_latents(bg_latent).float().to(image.device), original)
+        background = image.float() * (1 - region) + generated * region
+        foreground = None
+        if self.model.has_foreground:
+            decoder = self.rgba_decoder
+            rgb = self.codec.decode_latents(fg_latent).float() if getattr(decoder, "needs_rgb", False) else None
+            rgba = decoder.decode(fg_latent, rgb=rgb).float().to(image.device)
+            foreground = resize_rgba(rgba, (height, width))
+        return DecompositionResult(
+            foreground=foreground,
+            background=background,
+            fg_latent=fg_latent,
+            bg_latent=bg_latent,
+            processing_size=size,
+            original_size=original,
+        )
+
+
+__all__ = [
+    "DecompositionConfig",
+    "DecompositionPipeline",
+    "DecompositionResult",
+    "FluxFillBaseline",
+    "LayerDecomposition",
+    "MultiModalLatentFusion",
+    "apply_decomposition_weights",
+    "canny_edges",
+    "estimate_depth",
+    "estimate_segmentation",
+    "initial_decomposition_model",
+    "load_decomposition_model",
+    "read_decomposition_weights",
+    "save_decomposition_weights",
+    "write_tiny_decomposition",
+]

@@ -1,0 +1,145 @@
+"""Load Decomposition Model and Decompose Layers (Outpaint-and-Remove)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import comfy.model_management
+import comfy.model_patcher
+import folder_paths
+import torch
+from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
+
+from ..bfs_core.models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config
+from ..bfs_core.models.layer_decomposition import (
+    DecompositionPipeline,
+    LayerDecomposition,
+    apply_decomposition_weights,
+)
+from .common import ComfyFluxVAE, flux_text, image_from_core, image_to_core, mask_to_core, progress
+from .loaders import RGBA_VAE, WeightDtype
+
+
+DECOMPOSITION_MODEL = io.Custom("BFS_DECOMPOSITION_MODEL")
+CATEGORY = "BFS/decomposition"
+
+
+class _PatcherModule(torch.nn.Module):
+    """A plain container ComfyUI's ModelPatcher can move and annotate."""
+
+    def __init__(self, model: LayerDecomposition):
+        super().__init__()
+        self.decomposition = model
+        self.device = None
+
+
+@dataclass
+class DecompositionModel:
+    """What flows through a BFS_DECOMPOSITION_MODEL socket (like `BFSModel`)."""
+
+    patcher: comfy.model_patcher.ModelPatcher
+    scheduler_config: dict
+    name: str
+
+    @classmethod
+    def wrap(cls, model: LayerDecomposition, scheduler_config: dict, name: str) -> DecompositionModel:
+        mm = comfy.model_management
+        patcher = comfy.model_patcher.ModelPatcher(
+            _PatcherModule(model), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+        )
+        return cls(patcher=patcher, scheduler_config=scheduler_config, name=name)
+
+    def load(self) -> LayerDecomposition:
+        comfy.model_management.load_models_gpu([self.patcher])
+        return self.patcher.model.decomposition
+
+
+class LoadDecomposition(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BFSLoadDecomposition",
+            display_name="Load Decomposition Model",
+            category=CATEGORY,
+            description="FLUX.1-Fill-dev + Outpaint-and-Remove weights: splits an image into an object layer and "
+                        "the background behind it.",
+            inputs=[
+                io.Combo.Input("base_model", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="FLUX.1-Fill-dev from models/diffusion_models (bf16, fp8 or scaled fp8)."),
+                io.Combo.Input("weights", options=folder_paths.get_filename_list("bfs"),
+                               tooltip="Decomposition weights (.safetensors) from models/bfs."),
+                io.Combo.Input("weight_dtype", options=[WeightDtype.BF16.value, WeightDtype.FP32.value],
+                               default=WeightDtype.BF16.value, tooltip="bf16 on GPU; fp32 for CPU runs."),
+            ],
+            outputs=[DECOMPOSITION_MODEL.Output(display_name="decomposition_model")],
+        )  # fmt: skip
+
+    @classmethod
+    def execute(cls, base_model, weights, weight_dtype) -> io.NodeOutput:
+        dtype = torch.float32 if WeightDtype(weight_dtype) == WeightDtype.FP32 else torch.bfloat16
+        base_path = folder_paths.get_full_path_or_raise("diffusion_models", base_model)
+        weights_path = folder_paths.get_full_path_or_raise("bfs", weights)
+        transformer = load_flux_fill_transformer(base_path, torch_dtype=dtype, device="cpu")
+        model = apply_decomposition_weights(transformer, weights_path)
+        scheduler = load_shipped_config("flux_fill_scheduler")
+        return io.NodeOutput(DecompositionModel.wrap(model, scheduler, f"{base_model} + {weights}"))
+
+
+class DecomposeLayers(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BFSDecomposeLayers",
+            display_name="Decompose Layers",
+            category=CATEGORY,
+            description="Outpaint-and-Remove: the masked object as an RGBA layer (occluded parts completed) and the "
+                        "background with the object removed.",
+            inputs=[
+                DECOMPOSITION_MODEL.Input("decomposition_model", tooltip="From Load Decomposition Model."),
+                io.Image.Input("image", tooltip="The photo to decompose."),
+                io.Mask.Input("mask", tooltip="The object to pull out (white). A rough mask is fine."),
+                io.Conditioning.Input("positive", tooltip="Flux CLIPTextEncode; an empty prompt is fine."),
+                io.Vae.Input("vae", tooltip="The native Flux VAE (ae.safetensors)."),
+                RGBA_VAE.Input("rgba_vae", tooltip="From Load RGBA VAE: decodes the foreground layer."),
+                io.Image.Input("edge", optional=True, tooltip="Edge map; default: Canny computed here."),
+                io.Image.Input("segmentation", optional=True, tooltip="Segmentation map (a preprocessor node)."),
+                io.Image.Input("depth", optional=True, tooltip="Depth map (e.g. Depth Anything V2 preprocessor)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=28, min=1, max=200, tooltip="Euler steps."),
+                io.Float.Input("guidance", default=30.0, min=0.0, max=100.0, step=0.5,
+                               tooltip="Flux-Fill distilled guidance."),
+                io.Int.Input("short_side", default=1024, min=0, max=4096, step=64,
+                             tooltip="Processing size (short side, never upscaled; 0 = input size). The background "
+                                     "keeps the input's own pixels outside the mask; the layers are mapped back."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="foreground", tooltip="The object as RGBA (4-channel IMAGE)."),
+                io.Mask.Output(display_name="alpha", tooltip="The object's alpha."),
+                io.Image.Output(display_name="background", tooltip="The background with the object removed."),
+            ],
+        )  # fmt: skip
+
+    @classmethod
+    def execute(cls, decomposition_model, image, mask, positive, vae, rgba_vae, seed, steps, guidance, short_side,
+                edge=None, segmentation=None, depth=None) -> io.NodeOutput:  # fmt: skip
+        image = image_to_core(image, "image")
+        size = (image.shape[-1], image.shape[-2])
+        mask = mask_to_core(mask, "mask", size)
+        maps = {k: None if v is None else image_to_core(v, k)
+                for k, v in (("edge", edge), ("segmentation", segmentation), ("depth", depth))}  # fmt: skip
+        embeds, pooled = flux_text(positive)
+        pipe = DecompositionPipeline(
+            decomposition_model.load(), ComfyFluxVAE(vae), rgba_vae, decomposition_model.scheduler_config
+        )
+        callback, interrupt = progress(steps)
+        result = pipe.decompose(image, mask, embeds, pooled, **maps, seed=seed, steps=steps, guidance=guidance,
+                                short_side=short_side, callback=callback, interrupt=interrupt)  # fmt: skip
+        fg = image_from_core(result.foreground)
+        return io.NodeOutput(fg, fg[..., 3].clone(), image_from_core(result.background))
+
+
+class DecomposeNodes(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadDecomposition, DecomposeLayers]

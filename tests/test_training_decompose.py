@@ -1,0 +1,84 @@
+"""Decomposition training set builder and a two-step decomposition training run (tiny, CPU)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from bfs_core.decomposition_eval import load_image
+from bfs_core.layer_math import composite_stack
+from training import train_decompose
+from training.config import load_config
+from training.decomposition_data import DataConfig, imperfect_mask
+from training.decomposition_data import main as build
+from training.tiny import write_tiny_models
+
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("decomp") / "data"
+    cfg = DataConfig(foreground_dir=str(ASSETS / "stamps"), background_dir=str(ASSETS / "photos"),
+                     output_dir=str(out), count=6, size=64, min_objects=1, max_objects=3)  # fmt: skip
+    return build(cfg).weights
+
+
+def test_builder_layers_recomposite_exactly(data):
+    rows = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) >= 4 and max(len(r["layers"]) for r in rows) > 1
+    for r in rows:
+        photo = load_image(data / r["photo"], "RGB")
+        layers = [load_image(data / p, "RGBA") for p in r["layers"]]
+        others = [lay for j, lay in enumerate(layers) if j != r["target"]]
+        comp = load_image(data / r["composite"], "RGB")
+        torch.testing.assert_close(composite_stack([photo, *layers])[:, :3], comp, atol=0.6 / 255, rtol=0)
+        torch.testing.assert_close(composite_stack([photo, *others])[:, :3], load_image(data / r["background"], "RGB"),
+                                   atol=0.6 / 255, rtol=0)  # fmt: skip
+        assert torch.equal(load_image(data / r["foreground"], "RGBA"), layers[r["target"]])
+        mask = load_image(data / r["mask"], "L")
+        assert mask.sum() > 0 and (mask <= (layers[r["target"]][:, 3:] > 0.5).float()).all()
+
+
+def test_imperfect_mask_spoils_but_keeps_the_object():
+    m = torch.zeros(4, 1, 32, 32)
+    m[..., 8:24, 8:24] = 1
+    spoiled = imperfect_mask(m, torch.Generator().manual_seed(0), probability=1.0)
+    assert not torch.equal(spoiled, m)
+    inter = (spoiled * m).flatten(1).sum(1)
+    assert (inter >= 0.2 * m.flatten(1).sum(1)).all()  # erosion 4 px + shift 4 px of a 16 px square
+
+
+def test_two_steps_checkpoint_is_the_trainable_set_and_loads_in_the_node_loader(data, tmp_path):
+    models = write_tiny_models(tmp_path / "models")
+    cfg = load_config(train_decompose.TrainConfig, None, dict(
+        output_dir=str(tmp_path / "run"), data_dir=str(data), flux_fill=str(models["flux_fill"]),
+        rgba_vae=str(models["rgba_vae"]), lora_rank=4,
+        decomposition_overrides={"joint_rank": 4, "fusion_dim": 32, "fusion_latents": 8, "fusion_heads": 2},
+        mixed_precision="no", gradient_checkpointing=False, batch_size=2, max_steps=2, checkpointing_steps=1,
+        validation_steps=0, num_workers=0, report_to="none", resolution=64, learning_rate=1e-3,
+        max_sequence_length=8, optimizer="adamw", lr_scheduler="constant"))  # fmt: skip
+    seen = {}
+    result = train_decompose.main(cfg, callback=lambda step, info, model: seen.setdefault("model", model))
+    model = seen["model"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".")[0] for n in trainable} == {"transformer", "fusion"}
+    assert "transformer.x_embedder.weight" in trainable and any("lora_A.fg" in n for n in trainable)
+    with safe_open(str(result.weights), "pt") as f:
+        assert set(f.keys()) == trainable
+    with safe_open(str(tmp_path / "run" / "checkpoints" / "checkpoint-000002" / "decomposition_weights.safetensors"),
+                   "pt") as f:  # fmt: skip
+        assert set(f.keys()) == trainable
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    # The new input columns moved away from zero: the fused context is being learned.
+    assert model.transformer.x_embedder.weight[:, 384:].abs().max() > 0
+    from bfs_core.models.flux_fill_loading import load_flux_fill_transformer
+    from bfs_core.models.layer_decomposition import apply_decomposition_weights
+
+    loaded = apply_decomposition_weights(load_flux_fill_transformer(models["flux_fill"], torch_dtype=torch.float32),
+                                         result.weights)  # fmt: skip
+    for name in trainable:
+        assert torch.equal(loaded.get_parameter(name), model.get_parameter(name).detach())

@@ -1,0 +1,277 @@
+"""Outpaint-and-Remove decomposition training (paper §3.5, §4.1): flow matching on both layer sequences.
+
+    python -m training decompose --config training/configs/decompose.yaml [--key=value ...]
+    accelerate launch --config_file training/accelerate/multi_gpu.yaml -m training decompose --config ...
+
+Data: a `triplet` dataset with masks (`python -m training decompose-data`): composite C, target foreground F (RGBA,
+complete), background B (scene without F), visible mask M. Every batch spoils M (`imperfect_mask`: dilated, eroded,
+jittered), as the paper trains on imperfect masks. Contexts: background = latent of C·(1 − M) + M, foreground =
+latent of C·M + M, multi-modal = Canny edges of C (+ depth / segmentation when their local models are given), fused.
+Loss: L = ‖v̂_B − (noise_B − z_B)‖² + ‖v̂_F − (noise_F − z_F)‖² at one sigma per sample (time convention:
+training/losses.py). Trainable: both per-layer LoRAs (r = 256), the joint module, the grown input projection and the
+fusion module; Flux-Fill stays frozen. Checkpoints hold only those weights, in the nodes' format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from bfs_core.models.layer_decomposition import (
+    DecompositionConfig,
+    LayerDecomposition,
+    canny_edges,
+    estimate_depth,
+    estimate_segmentation,
+    initial_decomposition_model,
+    read_decomposition_weights,
+    save_decomposition_weights,
+)
+from bfs_core.sampling.flow_match import fill_condition, latent_image_ids, pack_latents
+
+from .common import (
+    CommonConfig,
+    LatentEncoder,
+    MetricsLog,
+    TextEmbeddingCache,
+    derived_numbers,
+    load_checkpoint,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    resolve_resume,
+    sample_sigmas,
+    save_checkpoint,
+    weight_dtype,
+)
+from .config import config_summary
+from .data import ManifestDataset, make_loader
+from .decomposition_data import imperfect_mask
+from .losses import flow_matching_loss, noisy_latents
+
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "decomposition_weights.safetensors"
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    """Outpaint-and-Remove. Besides CommonConfig fields:"""
+
+    data_dir: str = ""  # `triplet` dataset with masks (python -m training decompose-data)
+    flux_fill: str = ""  # FLUX.1-Fill-dev: diffusers root (transformer/, vae/, text encoders) or a single file
+    vae: str | None = None  # Flux VAE folder; default <flux_fill>/vae
+    text_encoders: str | None = None  # default <flux_fill>
+    rgba_vae: str = ""  # RGBA VAE: its encoder gives the foreground latents
+    lora_rank: int = 256  # paper default; 128 / 1024 are its ablations
+    decomposition_overrides: dict = field(default_factory=dict)  # other DecompositionConfig fields
+    depth_model: str | None = None  # local transformers depth model (Depth-Anything-V2); None = no depth context
+    segmentation_model: str | None = None  # local transformers segmentation model (SegFormer); None = none
+    edges: bool = True  # Canny edge context
+    mask_dilate_px: int = 8  # imperfect masks: max dilation (pixels at `resolution`)
+    mask_erode_px: int = 4  # max erosion
+    mask_jitter_px: int = 4  # max shift
+    mask_spoil_probability: float = 0.8  # fraction of samples whose mask is spoiled
+    guidance: float = 30.0
+    max_sequence_length: int = 512
+    text_cache_dir: str | None = None
+    weighting_scheme: Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"] = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    output_name: str = "decomposition.safetensors"
+
+
+@dataclass
+class TrainResult:
+    weights: Path
+    losses: list[float]
+    first_step: int
+
+
+def decomposition_config(cfg: TrainConfig) -> DecompositionConfig:
+    return DecompositionConfig(**{**dataclasses.asdict(DecompositionConfig()), "lora_rank": cfg.lora_rank,
+                                  **cfg.decomposition_overrides})  # fmt: skip
+
+
+def load_model(cfg: TrainConfig, device, dtype) -> LayerDecomposition:
+    """Frozen Flux-Fill in `dtype`, decomposition parameters fresh (identity at start) and in fp32."""
+    from bfs_core.models.flux_fill_loading import load_flux_fill_transformer
+
+    transformer = load_flux_fill_transformer(cfg.flux_fill, torch_dtype=dtype, device=device).requires_grad_(False)
+    model = initial_decomposition_model(transformer, decomposition_config(cfg))
+    params = model.set_trainable()
+    for param in params:
+        param.data = param.data.float()  # trainables stay fp32 (STYLE: Training)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    model.train()
+    return model
+
+
+def register_hooks(accelerator: Accelerator) -> None:
+    """Checkpoints hold only the trainable weights (the nodes' format); loading checks the key set exactly."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                path = Path(output_dir) / WEIGHTS_NAME
+                save_decomposition_weights(accelerator.unwrap_model(model), path.with_name(path.name + ".tmp"))
+                path.with_name(path.name + ".tmp").replace(path)
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            _, tensors = read_decomposition_weights(Path(input_dir) / WEIGHTS_NAME)
+            if set(tensors) != set(model.trainable_state_dict()):
+                raise ValueError(f"{input_dir}: checkpoint keys do not match this model's trainable parameters.")
+            model.load_state_dict(tensors, strict=False)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+@dataclass
+class Batch:
+    """Packed targets [N, L, 64], condition [N, L, 640] (+ fused later), modality tokens, text, ids."""
+
+    z_bg: torch.Tensor
+    z_fg: torch.Tensor
+    condition: torch.Tensor
+    query: torch.Tensor
+    modalities: dict[str, torch.Tensor]
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    img_ids: torch.Tensor
+
+
+@torch.no_grad()
+def encode_batch(raw: dict, encoder: LatentEncoder, texts, cfg: TrainConfig, generator, device, dtype) -> Batch:
+    composite = raw["composite"].to(device)
+    mask = imperfect_mask(raw["mask"], generator, cfg.mask_dilate_px, cfg.mask_erode_px, cfg.mask_jitter_px,
+                          cfg.mask_spoil_probability).to(device)  # fmt: skip
+    z_bg_ctx, z_fg_ctx = encoder.rgb(composite * (1 - mask)), encoder.rgb(composite * mask)
+    maps = {}
+    if cfg.edges:
+        maps["edge"] = canny_edges(composite)
+    if cfg.depth_model:
+        maps["depth"] = estimate_depth(composite.cpu(), cfg.depth_model).to(device)
+    if cfg.segmentation_model:
+        maps["segmentation"] = estimate_segmentation(composite.cpu(), cfg.segmentation_model).to(device)
+    embeds, pooled = texts.get(list(raw["caption"]), cfg.max_sequence_length, device, dtype)
+    h, w = z_bg_ctx.shape[-2:]
+    return Batch(
+        z_bg=pack_latents(encoder.rgb(raw["background"].to(device))),
+        z_fg=pack_latents(encoder.rgba_latent(raw["foreground"].to(device))),
+        condition=torch.cat([fill_condition(z_bg_ctx, mask), fill_condition(z_fg_ctx, mask)], -1),
+        query=pack_latents(encoder.rgb(composite)),
+        modalities={k: pack_latents(encoder.rgb(v)) for k, v in maps.items()},
+        prompt_embeds=embeds,
+        pooled=pooled,
+        img_ids=latent_image_ids(h, w, device=device, dtype=dtype),
+    )
+
+
+def decomposition_loss(model: LayerDecomposition, b: Batch, cfg: TrainConfig, device):
+    """Flow-matching loss on both sequences (the fusion module is trained through the condition)."""
+    sigma, weight = sample_sigmas(b.z_bg.shape[0], cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std,
+                                  cfg.mode_scale, device)  # fmt: skip
+    noise_bg = torch.randn_like(b.z_bg)
+    noise_fg = noise_bg if model.config.noise == "shared" else torch.randn_like(b.z_fg)
+    x_bg, x_fg = noisy_latents(b.z_bg, noise_bg, sigma), noisy_latents(b.z_fg, noise_fg, sigma)
+    fused = model.fuse(b.modalities, b.query, b.img_ids)
+    condition = torch.cat([b.condition.to(fused.dtype), fused], -1)
+    v_bg, v_fg = model(x_bg, x_fg, condition, b.prompt_embeds, b.pooled, sigma, sigma, b.img_ids, cfg.guidance)
+    l_bg = flow_matching_loss(v_bg, noise_bg, b.z_bg, weight)  # ‖(noise − z) − v̂‖², see training/losses.py
+    l_fg = flow_matching_loss(v_fg, noise_fg, b.z_fg, weight)
+    return l_bg + l_fg, {"loss_bg": l_bg.item(), "loss_fg": l_fg.item()}
+
+
+def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None = None) -> TrainResult:
+    dataset = ManifestDataset(cfg.data_dir, "triplet", cfg.resolution)  # a bad dataset fails before any setup
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    device, dtype = accelerator.device, weight_dtype(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    summary = config_summary(cfg, derived_numbers(cfg, accelerator, {"samples": len(dataset)}))
+    logger.info("decompose config:\n%s", summary)
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(summary)
+    texts = TextEmbeddingCache(cfg.text_cache_dir or out / "text_cache")
+    with accelerator.main_process_first():
+        texts.prepare([e["caption"] for e in dataset.entries], cfg.text_encoders or cfg.flux_fill,
+                      cfg.max_sequence_length)  # fmt: skip
+    encoder = LatentEncoder(cfg.vae or str(Path(cfg.flux_fill) / "vae"), cfg.rgba_vae, device, dtype)
+
+    model = load_model(cfg, device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    logger.info("trainable: %d tensors, %.2f M parameters", len(params), sum(p.numel() for p in params) / 1e6)
+    optimizer = make_optimizer(params, cfg)
+    lr_scheduler = make_lr_scheduler(optimizer, cfg, accelerator)
+    register_hooks(accelerator)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("decompose")
+
+    global_step = 0
+    resume = resolve_resume(cfg)
+    if resume is not None:
+        global_step = load_checkpoint(accelerator, resume)["global_step"]
+    loader = make_loader(dataset, cfg.batch_size, cfg.seed, global_step * cfg.gradient_accumulation_steps,
+                         accelerator, cfg.num_workers)  # fmt: skip
+    batches = iter(loader)
+    mask_gen = torch.Generator().manual_seed(cfg.seed + 1000 * global_step + accelerator.process_index)
+    metrics, losses = MetricsLog(accelerator, out), []
+    bar = tqdm(range(cfg.max_steps), initial=global_step, desc="decompose",
+               disable=not accelerator.is_local_main_process)  # fmt: skip
+    while global_step < cfg.max_steps:
+        step_loss, parts = 0.0, {}
+        for _ in range(cfg.gradient_accumulation_steps):
+            b = encode_batch(next(batches), encoder, texts, cfg, mask_gen, device, dtype)
+            with accelerator.accumulate(model):
+                loss, parts = decomposition_loss(accelerator.unwrap_model(model), b, cfg, device)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.item() / cfg.gradient_accumulation_steps
+        global_step += 1
+        losses.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        metrics.log(global_step, {"loss": step_loss, **parts, "lr": lr_scheduler.get_last_lr()[0]})
+        if callback is not None:
+            callback(global_step, {"loss": step_loss, **parts}, accelerator.unwrap_model(model))
+        if global_step % cfg.log_steps == 0:
+            metrics.draw()
+        if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_steps:
+            save_checkpoint(accelerator, cfg, {"global_step": global_step, "stage": "decompose"})
+
+    bar.close()
+    metrics.draw()
+    final = out / cfg.output_name
+    if accelerator.is_main_process:
+        save_decomposition_weights(accelerator.unwrap_model(model), final.with_name(final.name + ".tmp"))
+        final.with_name(final.name + ".tmp").replace(final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    logger.info("decompose done at step %d; weights: %s", global_step, final)
+    return TrainResult(weights=final, losses=losses, first_step=global_step - len(losses) + 1)
+
+
+__all__ = ["TrainConfig", "TrainResult", "main"]
