@@ -118,12 +118,32 @@ def extract_foreground() -> dict:
     }
 
 
+def decompose_layers() -> dict:
+    return {
+        1: ("LoadImage", {"image": "photo.png"}, {}),
+        2: ("BFSLoadDecomposition", {"base_model": FILL, "weights": "outpaint_and_remove.safetensors",
+                                     "weight_dtype": "bf16"}, {}),
+        **text_nodes(3, ""),
+        5: ("VAELoader", {"vae_name": "ae.safetensors"}, {}),
+        6: ("BFSLoadRGBAVAE", {"rgba_vae": RELEASE_VAE}, {}),
+        7: ("InvertMask", {}, {"mask": (1, 1)}),  # LoadImage's mask is 1 − alpha of the painted area
+        8: ("BFSDecomposeLayers", {"seed": 0, "steps": 28, "guidance": 30.0, "short_side": 1024},
+            {"decomposition_model": (2, 0), "image": (1, 0), "mask": (7, 0), "positive": (4, 0), "vae": (5, 0),
+             "rgba_vae": (6, 0)}),
+        9: ("SaveImage", {"filename_prefix": "bfs/decomposed_foreground"}, {"images": (8, 0)}),
+        10: ("SaveImage", {"filename_prefix": "bfs/decomposed_background"}, {"images": (8, 2)}),
+        11: ("BFSSaveLayers", {"names": "object", "format": "psd", "filename_prefix": "bfs/decomposed"},
+             {"background": (8, 2), "layer_1": (8, 0)}),
+    }  # fmt: skip
+
+
 WORKFLOWS = {
     "bg2fg_text.json": lambda: bg2fg("a ceramic vase with flowers"),
     "bg2fg_redux_reference.json": lambda: bg2fg("an object", reference=True),
     "bg2fg_layerdiffuse_decoder.json": lambda: bg2fg("a red bicycle", decoder=LAYERDIFFUSE_VAE),
     "three_layer_scene.json": three_layer_scene,
     "extract_foreground.json": extract_foreground,
+    "decompose_layers.json": decompose_layers,
 }
 
 

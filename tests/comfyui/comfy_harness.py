@@ -40,6 +40,7 @@ TINY_MODEL_LAYOUT: dict[str, tuple[str, str | None]] = {
     "bfs_official_pt": ("bfs", None),
     "bfs_release": ("bfs", None),
     "bfs_paper": ("bfs", None),
+    "decomposition": ("bfs", None),
     "rgba_bfs_release_folder": ("bfs", None),  # Load RGBA VAE reads models/bfs
     "rgba_bfs_release_single": ("bfs", None),
     "rgba_layerdiffuse_pth": ("bfs", None),
