@@ -52,6 +52,31 @@ def test_imperfect_mask_spoils_but_keeps_the_object():
     assert (inter >= 0.2 * m.flatten(1).sum(1)).all()  # erosion 4 px + shift 4 px of a 16 px square
 
 
+def _config(data, models, run_dir, **overrides):
+    values = dict(
+        output_dir=str(run_dir), data_dir=str(data), flux_fill=str(models["flux_fill"]),
+        rgba_vae=str(models["rgba_vae"]), lora_rank=4,
+        decomposition_overrides={"joint_rank": 4, "fusion_dim": 32, "fusion_latents": 8, "fusion_heads": 2},
+        mixed_precision="no", gradient_checkpointing=False, batch_size=2, max_steps=2, checkpointing_steps=1,
+        validation_steps=0, num_workers=0, report_to="none", resolution=64, learning_rate=1e-3,
+        max_sequence_length=8, optimizer="adamw", lr_scheduler="constant")  # fmt: skip
+    return load_config(train_decompose.TrainConfig, None, {**values, **overrides})
+
+
+def test_kill_and_resume_gives_bit_identical_next_losses(data, tmp_path):
+    import shutil
+
+    models = write_tiny_models(tmp_path / "models")
+    full = train_decompose.main(_config(data, models, tmp_path / "full", max_steps=3))
+    resumed_dir = tmp_path / "resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-000001", resumed_dir / "checkpoint-000001")
+    resumed = train_decompose.main(_config(data, models, tmp_path / "resumed", max_steps=3,
+                                           resume_from_checkpoint="latest"))  # fmt: skip
+    assert resumed.first_step == 2
+    assert resumed.losses == full.losses[1:]  # bit for bit
+
+
 def test_two_steps_checkpoint_is_the_trainable_set_and_loads_in_the_node_loader(data, tmp_path):
     models = write_tiny_models(tmp_path / "models")
     cfg = load_config(train_decompose.TrainConfig, None, dict(

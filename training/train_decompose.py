@@ -233,12 +233,13 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     loader = make_loader(dataset, cfg.batch_size, cfg.seed, global_step * cfg.gradient_accumulation_steps,
                          accelerator, cfg.num_workers)  # fmt: skip
     batches = iter(loader)
-    mask_gen = torch.Generator().manual_seed(cfg.seed + 1000 * global_step + accelerator.process_index)
     metrics, losses = MetricsLog(accelerator, out), []
     bar = tqdm(range(cfg.max_steps), initial=global_step, desc="decompose",
                disable=not accelerator.is_local_main_process)  # fmt: skip
     while global_step < cfg.max_steps:
         step_loss, parts = 0.0, {}
+        # Mask spoiling is seeded by the step, so a resumed run spoils exactly as an uninterrupted one would.
+        mask_gen = torch.Generator().manual_seed(cfg.seed + 1000 * global_step + accelerator.process_index)
         for _ in range(cfg.gradient_accumulation_steps):
             b = encode_batch(next(batches), encoder, texts, cfg, mask_gen, device, dtype)
             with accelerator.accumulate(model):
