@@ -685,6 +685,43 @@ def _as_rows(value: torch.Tensor | float, n: int, name: str, like: torch.Tensor)
     return t
 
 
+def run_two_branches(
+    transformer: FluxTransformer2DModel,
+    comp_hidden: torch.Tensor,
+    fg_hidden: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    timestep_comp: torch.Tensor | float,
+    timestep_fg: torch.Tensor | float,
+    img_ids: torch.Tensor,
+    guidance: torch.Tensor | float = 30.0,
+    txt_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One transformer call over both branches in the pack's batch layout (N comp rows, then N fg rows).
+
+    comp_hidden / fg_hidden: full transformer inputs [N, L, in_channels]; the text conditioning [N, T, J] / [N, P] is
+    shared by both branches; timesteps (sigma) and guidance are numbers or [N]. Returns the two halves of the output.
+    """
+    n = comp_hidden.shape[0]
+    hidden = torch.cat([comp_hidden, fg_hidden], dim=0)
+    if txt_ids is None:
+        txt_ids = prompt_embeds.new_zeros(prompt_embeds.shape[1], 3)
+    timestep = torch.cat([_as_rows(timestep_comp, n, "timestep_comp", hidden),
+                          _as_rows(timestep_fg, n, "timestep_fg", hidden)])  # fmt: skip
+    guidance_rows = _as_rows(guidance, n, "guidance", hidden).repeat(2)
+    out = transformer(
+        hidden_states=hidden,
+        encoder_hidden_states=prompt_embeds.to(hidden.dtype).repeat(2, 1, 1),
+        pooled_projections=pooled.to(hidden.dtype).repeat(2, 1),
+        timestep=timestep.to(hidden.dtype),
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=guidance_rows if transformer.config.guidance_embeds else None,
+        return_dict=False,
+    )[0]
+    return out[:n], out[n:]
+
+
 class DualBranchFlux(nn.Module):
     """BFS: a FluxTransformer2DModel (FLUX.1-Fill-dev) patched for a composite and a foreground branch.
 
@@ -767,25 +804,11 @@ class DualBranchFlux(nn.Module):
         self.check_conditioning(prompt_embeds, pooled)
         if prompt_embeds.shape[0] != n or pooled.shape[0] != n:
             raise ValueError(f"Text conditioning has batch {prompt_embeds.shape[0]}/{pooled.shape[0]}, expected {n}.")
-        if txt_ids is None:
-            txt_ids = prompt_embeds.new_zeros(prompt_embeds.shape[1], 3)
-        # [N, L, 64] ×2 -> [2N, L, 384]: comp rows first, then fg rows, each with the shared Fill conditioning.
-        hidden = torch.cat([torch.cat([comp_latents, fill_cond], -1), torch.cat([fg_latents, fill_cond], -1)], 0)
-        timestep = torch.cat(
-            [_as_rows(timestep_comp, n, "timestep_comp", hidden), _as_rows(timestep_fg, n, "timestep_fg", hidden)]
-        )
-        guidance_rows = _as_rows(guidance, n, "guidance", hidden).repeat(2)
-        out = self.transformer(
-            hidden_states=hidden,
-            encoder_hidden_states=prompt_embeds.repeat(2, 1, 1),
-            pooled_projections=pooled.repeat(2, 1),
-            timestep=timestep.to(hidden.dtype),
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=guidance_rows if self.transformer.config.guidance_embeds else None,
-            return_dict=False,
-        )[0]
-        return out[:n], out[n:]
+        # [N, L, 64] ×2 -> [N, L, 384] per branch, each with the shared Fill conditioning.
+        return run_two_branches(
+            self.transformer, torch.cat([comp_latents, fill_cond], -1), torch.cat([fg_latents, fill_cond], -1),
+            prompt_embeds, pooled, timestep_comp, timestep_fg, img_ids, guidance, txt_ids,
+        )  # fmt: skip
 
 
 def store_weights_in_fp8(transformer: FluxTransformer2DModel, compute_dtype: torch.dtype = torch.bfloat16) -> None:

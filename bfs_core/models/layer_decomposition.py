@@ -71,6 +71,7 @@ from .dual_flux import (
     patch_dual_branch,
     prepare_for_inference,
     reset_inference_state,
+    run_two_branches,
 )
 
 
@@ -534,30 +535,14 @@ class LayerDecomposition(nn.Module):
             )
         if prompt_embeds.shape[0] != n or pooled.shape[0] != n:
             raise ValueError(f"Text conditioning has batch {prompt_embeds.shape[0]}/{pooled.shape[0]}, expected {n}.")
-        if txt_ids is None:
-            txt_ids = prompt_embeds.new_zeros(prompt_embeds.shape[1], 3)
         c = FILL_CONTEXT_CHANNELS
         bg_ctx, fg_ctx, fused = condition[..., :c], condition[..., c : 2 * c], condition[..., 2 * c :]
-        # [N, L, 64] ×2 -> [2N, L, 64 + 320 + F]: background rows first (dual_flux's `comp`), then foreground rows.
-        hidden = torch.cat(
-            [torch.cat([bg_latents, bg_ctx, fused], -1), torch.cat([fg_latents, fg_ctx, fused], -1)], dim=0
-        ).to(self.dtype)
-        timestep = torch.cat(
-            [_as_rows(timestep_bg, n, "timestep_bg", hidden), _as_rows(timestep_fg, n, "timestep_fg", hidden)]
-        )
-        out = self.transformer(
-            hidden_states=hidden,
-            encoder_hidden_states=prompt_embeds.to(self.dtype).repeat(2, 1, 1),
-            pooled_projections=pooled.to(self.dtype).repeat(2, 1),
-            timestep=timestep.to(hidden.dtype),
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=_as_rows(guidance, n, "guidance", hidden).repeat(2)
-            if self.transformer.config.guidance_embeds
-            else None,
-            return_dict=False,
-        )[0]
-        return out[:n], out[n:]
+        # Background rows take dual_flux's `comp` place, foreground rows its `fg` place: [N, L, 64 + 320 + F] each.
+        return run_two_branches(
+            self.transformer, torch.cat([bg_latents, bg_ctx, fused], -1).to(self.dtype),
+            torch.cat([fg_latents, fg_ctx, fused], -1).to(self.dtype), prompt_embeds, pooled, timestep_bg,
+            timestep_fg, img_ids, guidance, txt_ids,
+        )  # fmt: skip
 
 
 class FluxFillBaseline(nn.Module):
