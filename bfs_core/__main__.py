@@ -18,6 +18,8 @@ COMMANDS = {
     "rgba-decode": ("bfs_core.cli.rgba_decode", "decode a foreground latent to a straight-alpha RGBA PNG"),
     "save-layers": ("bfs_core.cli.save_layers", "write background + RGBA layers as a PSD or OpenRaster file"),
     "convert-rgba-vae": ("bfs_core.cli.convert_rgba_vae", "LayerDiffuse TransparentVAE.pth -> safetensors"),
+    "demo": ("bfs_core.cli.demo", "the embedded toy model end to end: layers, chaining, PSD/ORA, contact sheet"),
+    "evaluate-toy": ("bfs_core.cli.evaluate_toy", "score the toy model and its ablations on held-out toy scenes"),
     "decompose": ("bfs_core.cli.decompose", "Outpaint-and-Remove: image + mask -> RGBA foreground + clean background"),
     "evaluate-decomposition": ("bfs_core.cli.evaluate_decomposition", "score decomposition on a case set"),
 }

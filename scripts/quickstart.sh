@@ -23,6 +23,7 @@ python -m bfs_core generate --base "$out/tiny/flux-fill-diffusers" --bfs "$out/t
   --rgba-vae "$out/tiny/rgba_vae/bfs_transparency_vae" --background "$out/background.png" \
   --box 40,60,200,220 --prompt "a red ceramic vase" --steps "$steps" --dtype fp32 --out "$out/bg2fg"
 python -m bfs_core save-layers "$out/background.png" "$out/bg2fg/foreground.png" --out "$out/scene.ora"
-python -m bfs_core bench --help >/dev/null
-echo "Done. The tiny models are random, so the layer is noise by design; the files show the whole path works:"
-ls -1 "$out/bg2fg" "$out/scene.ora"
+echo "The tiny models above are random (noise by design): they prove every loader and the whole path."
+# The embedded toy model (trained by training/ on a 64x64 toy world): layers, chaining, PSD/ORA, a contact sheet.
+python -m bfs_core demo --out "$out/toy_demo"
+echo "Done. Look at $out/toy_demo/contact_sheet.png; layered files are in $out/toy_demo and $out/scene.ora."

@@ -21,6 +21,8 @@ COMMANDS = {
     "stage2": ("training.train_stage2", "TrainConfig", "BFS stage 2: alternate L_real and L_reg + 0.1 L_comp"),
     "decompose": ("training.train_decompose", "TrainConfig", "Outpaint-and-Remove: flow loss on both layers"),
     "decompose-data": ("training.decomposition_data", "DataConfig", "decomposition training set (1–3 layers)"),
+    "toy-vae": ("training.train_toy_autoencoders", "TrainConfig", "toy world: the RGB and RGBA autoencoders"),
+    "base-fill": ("training.train_base_fill", "TrainConfig", "pretrain a Flux-Fill base from scratch (toy world)"),
     "synth-data": ("training.synth_data", "SynthConfig", "build synthetic triplets from object-removal pairs (A.3)"),
 }
 

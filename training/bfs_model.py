@@ -53,6 +53,7 @@ class BFSConfig(CommonConfig):
     logit_std: float = 1.0
     mode_scale: float = 1.29
     lambda_comp: float = 0.1  # weight of L_comp (eq. 7 / eq. 9 + 0.1 L_comp)
+    train_joint: bool = True  # False: the joint module stays at its zero init: no cross-branch exchange (ablation)
 
 
 def dual_config(cfg: BFSConfig) -> DualBranchConfig:

@@ -122,7 +122,7 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
 
     # Model: frozen Flux-Fill + BFS parameters (fp32); Φ frozen.
     model = load_dual_model(cfg, device, dtype)
-    params = set_phase_trainable(model, GROUPS)
+    params = set_phase_trainable(model, GROUPS if cfg.train_joint else GROUPS - {"joint"})
     noise_mode = model.config.noise
     logger.info("trainable: %d tensors, %.2f M parameters", len(params), sum(p.numel() for p in params) / 1e6)
     phi = load_frozen_phi(cfg.phi, device, dtype)

@@ -163,8 +163,9 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
 
     model = load_dual_model(cfg, device, dtype)
     noise_mode = model.config.noise
-    params = set_phase_trainable(model, PHASE_GROUPS["real"] | PHASE_GROUPS["reg"])
-    phase_params = {phase: set_phase_trainable(model, groups) for phase, groups in PHASE_GROUPS.items()}
+    phase_groups = {k: v if cfg.train_joint else v - {"joint"} for k, v in PHASE_GROUPS.items()}
+    params = set_phase_trainable(model, phase_groups["real"] | phase_groups["reg"])
+    phase_params = {phase: set_phase_trainable(model, groups) for phase, groups in phase_groups.items()}
     logger.info("trainable: %s", {k: f"{sum(p.numel() for p in v) / 1e6:.2f} M" for k, v in phase_params.items()})
     phi = load_frozen_phi(cfg.phi, device, dtype)
     optimizer = make_optimizer(params, cfg)  # one optimiser; a phase's step skips parameters whose grad is None
@@ -205,7 +206,7 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
 
     while global_step < cfg.max_steps:
         phase = phase_of(global_step + 1)
-        set_phase_trainable(unwrapped, PHASE_GROUPS[phase])  # only this phase's parameters get gradients
+        set_phase_trainable(unwrapped, phase_groups[phase])  # only this phase's parameters get gradients
         step_loss, parts = 0.0, {}
         for _ in range(cfg.gradient_accumulation_steps):
             b = encode_batch(next(batches[phase]), encoder, texts, cfg, device, dtype, surrogate=phase == "real")

@@ -1,0 +1,229 @@
+"""Measure what the toy model learned, on held-out toy scenes with exact ground truth.
+
+Metrics (per scene, then averaged):
+- `alpha_iou`: IoU of the generated object (alpha > 0.75; shadows are at most 0.6 opaque) with the true object;
+- `colour_acc`: the object's mean colour is nearest (in the palette) to the prompt's colour;
+- `shape_acc`: the object's silhouette best matches the prompt's shape (templates fitted to its own box; a rectangle
+  taller than 1.75× its width is a pillar);
+- `shadow_err_deg`: angle between (object foot -> centroid of the shadow: 0.05 <= alpha <= 0.75 outside the object)
+  and the true direction, which points away from the sun; 90° when no shadow is found;
+- `comp_consistency`: mean |C − blend(F, B)| between the composite branch and the foreground layer over the input
+  background (eq. 1), pixels in [0, 1];
+- `extract_err`: Extract Foreground on the ground-truth composite: mean |premultiplied RGBA − ground truth|.
+`chance`: the same metrics with each scene's prediction swapped with another scene's (roll by one), so the number a
+model that ignores its inputs would get; `autoencoders' round trip`: the true layers encoded and decoded (the ceiling
+of any model working in these latents); `ground truth`: the true layers (the metrics' own ceiling).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .world import COLOURS, SHAPES, Scene, make_scene, shape_mask
+
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("alpha_iou", "colour_acc", "shape_acc", "shadow_err_deg", "comp_consistency", "extract_err")
+HIGHER_IS_BETTER = {"alpha_iou": True, "colour_acc": True, "shape_acc": True, "shadow_err_deg": False,
+                    "comp_consistency": False, "extract_err": False}  # fmt: skip
+OBJECT_ALPHA = 0.75
+
+
+def heldout_scenes(count: int, seed: int = 12345) -> list[Scene]:
+    """Held-out scenes: a seed the training data (seed 0, scripts/train_toy.py) never uses."""
+    rng = np.random.default_rng(seed)
+    return [make_scene(rng) for _ in range(count)]
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()  # [N, H, W, C] -> [N, C, H, W]
+
+
+def box_masks(scenes: list[Scene]) -> torch.Tensor:
+    masks = torch.zeros(len(scenes), 1, *scenes[0].background.shape[:2])
+    for i, s in enumerate(scenes):
+        x0, y0, x1, y1 = s.box
+        masks[i, :, y0:y1, x0:x1] = 1
+    return masks
+
+
+@dataclass
+class Predictions:
+    foreground: torch.Tensor  # [N, 4, H, W] BG2FG layers (straight RGBA)
+    composite: torch.Tensor  # [N, 3, H, W] the composite branch
+    extracted: torch.Tensor  # [N, 4, H, W] Extract Foreground on the true composites
+
+
+@torch.no_grad()
+def predict(pipe, rgba, scenes: list[Scene], *, steps: int = 20, seed: int = 0, batch: int = 16) -> Predictions:
+    from .models import MAX_SEQUENCE_LENGTH
+
+    out = {"foreground": [], "composite": [], "extracted": []}
+    for i in range(0, len(scenes), batch):
+        chunk = scenes[i : i + batch]
+        bg, comp = to_tensor([s.background for s in chunk]), to_tensor([s.composite for s in chunk])
+        mask = box_masks(chunk)
+        embeds, pooled = pipe.text_encoders.encode([s.caption for s in chunk], max_sequence_length=MAX_SEQUENCE_LENGTH)
+        kwargs = dict(seed=seed + i, steps=steps, guidance=30.0, short_side=0)
+        gen = pipe.generate(bg, mask, embeds, pooled, **kwargs)
+        ext = pipe.extract(comp, bg, mask, embeds, pooled, **kwargs)
+        out["foreground"].append(rgba.decode(gen.fg_latent))
+        out["composite"].append(gen.composite)
+        out["extracted"].append(rgba.decode(ext.fg_latent))
+    return Predictions(**{k: torch.cat(v) for k, v in out.items()})
+
+
+def ground_truth(scenes: list[Scene]) -> Predictions:
+    fg = to_tensor([s.foreground for s in scenes])
+    return Predictions(foreground=fg, composite=to_tensor([s.composite for s in scenes]), extracted=fg)
+
+
+def _bbox(mask: np.ndarray) -> list[int] | None:
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 0.0
+
+
+def classify_colour(rgb: np.ndarray) -> str:
+    names = list(COLOURS)
+    palette = np.array([COLOURS[n] for n in names])
+    # Compare chromaticity and brightness separately-ish: shading scales colours by 0.65..1.05.
+    dist = [np.abs(rgb / max(rgb.max(), 1e-3) - p / p.max()).sum() + 0.5 * abs(rgb.mean() - p.mean()) for p in palette]
+    return names[int(np.argmin(dist))]
+
+
+def classify_shape(obj: np.ndarray) -> str | None:
+    box = _bbox(obj)
+    if box is None:
+        return None
+    size = obj.shape[0]
+    scores = {s: _iou(obj, shape_mask(s, box, size) > 0.5) for s in ("cube", "ball", "cone")}
+    best = max(scores, key=scores.get)
+    if best == "cube" and (box[3] - box[1]) > 1.75 * (box[2] - box[0]):
+        return "pillar"
+    return best
+
+
+def shadow_direction(alpha: np.ndarray, obj: np.ndarray) -> tuple[float, float] | None:
+    box = _bbox(obj)
+    if box is None:
+        return None
+    dil = obj.copy()
+    for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        dil |= np.roll(obj, (dy, dx), axis=(0, 1))
+    weight = np.where((alpha >= 0.05) & (alpha <= OBJECT_ALPHA) & ~dil, alpha, 0.0)
+    if weight.sum() < 1.0:
+        return None
+    ys, xs = np.mgrid[0 : alpha.shape[0], 0 : alpha.shape[1]] + 0.5
+    vx = (weight * xs).sum() / weight.sum() - (box[0] + box[2]) / 2
+    vy = (weight * ys).sum() / weight.sum() - box[3]
+    norm = math.hypot(vx, vy)
+    return (vx / norm, vy / norm) if norm > 1e-6 else None
+
+
+def scene_metrics(scene: Scene, fg: np.ndarray, comp: np.ndarray, extracted: np.ndarray) -> dict[str, float]:
+    """Metrics of one scene; `fg`, `extracted` [H, W, 4] straight RGBA and `comp` [H, W, 3], numpy in [0, 1]."""
+    alpha = fg[..., 3]
+    obj = alpha > OBJECT_ALPHA
+    true_obj = scene.object_alpha > 0.5
+    colour = classify_colour(fg[obj][:, :3].mean(0)) if obj.any() else None
+    direction = shadow_direction(alpha, obj)
+    if direction is None:
+        shadow_err = 90.0
+    else:
+        cos = float(np.clip(direction[0] * scene.shadow_dir[0] + direction[1] * scene.shadow_dir[1], -1, 1))
+        shadow_err = math.degrees(math.acos(cos))
+    blend = fg[..., :3] * alpha[..., None] + scene.background * (1 - alpha[..., None])
+    premul = np.concatenate([extracted[..., :3] * extracted[..., 3:], extracted[..., 3:]], -1)
+    true_fg = scene.foreground
+    true_premul = np.concatenate([true_fg[..., :3] * true_fg[..., 3:], true_fg[..., 3:]], -1)
+    return {
+        "alpha_iou": _iou(obj, true_obj),
+        "colour_acc": float(colour == scene.colour),
+        "shape_acc": float(classify_shape(obj) == scene.shape),
+        "shadow_err_deg": shadow_err,
+        "comp_consistency": float(np.abs(comp - blend).mean()),
+        "extract_err": float(np.abs(premul - true_premul).mean()),
+    }
+
+
+def score(scenes: list[Scene], preds: Predictions, shift: int = 0) -> dict[str, float]:
+    """Mean metrics; `shift` > 0 pairs scene i with prediction i + shift (the chance baseline)."""
+
+    def np_img(t: torch.Tensor) -> np.ndarray:
+        return t.permute(0, 2, 3, 1).clamp(0, 1).cpu().numpy()  # [N, C, H, W] -> [N, H, W, C]
+
+    fg, comp, ext = np_img(preds.foreground), np_img(preds.composite), np_img(preds.extracted)
+    n = len(scenes)
+    rows = [scene_metrics(scenes[i], fg[(i + shift) % n], comp[i], ext[(i + shift) % n]) for i in range(n)]
+    if shift:  # chance for consistency: the composite against another scene's layer over this background
+        for i, row in enumerate(rows):
+            j = (i + shift) % n
+            a = fg[j][..., 3:]
+            blend = fg[j][..., :3] * a + scenes[i].background * (1 - a)
+            row["comp_consistency"] = float(np.abs(comp[i] - blend).mean())
+    return {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    header = "| model | " + " | ".join(f"{m} {'↑' if HIGHER_IS_BETTER[m] else '↓'}" for m in METRICS) + " |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 1)]
+    for name, values in rows.items():
+        cells = [f"{values[m]:.1f}" if m == "shadow_err_deg" else f"{values[m]:.3f}" for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate(pipe, rgba, count: int = 32, steps: int = 20, seed: int = 0) -> dict[str, dict[str, float]]:
+    """{"model": ..., "chance": ..., "ground truth": ...} over `count` held-out scenes."""
+    scenes = heldout_scenes(count)
+    preds = predict(pipe, rgba, scenes, steps=steps, seed=seed)
+    return {
+        "model": score(scenes, preds),
+        "chance": score(scenes, preds, shift=1),
+        "ground truth": score(scenes, ground_truth(scenes)),
+    }
+
+
+__all__ = ["METRICS", "evaluate", "format_table", "heldout_scenes", "predict", "score", "SHAPES"]
+
+
+def evaluate_variants(
+    weights: str | None, variants: dict[str, str], count: int = 64, steps: int = 20, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """The shipped model (or each variant's BFS weights on the same base), then chance and ground truth."""
+    from .models import load_toy
+
+    scenes = heldout_scenes(count)
+    rows, first = {}, None
+    for name, bfs in ({"model": None} if not variants else variants).items():
+        pipe, rgba = load_toy(weights, bfs=bfs)
+        preds = predict(pipe, rgba, scenes, steps=steps, seed=seed)
+        rows[name] = score(scenes, preds)
+        first = first or preds
+        logger.info("%s: %s", name, rows[name])
+    rows["chance (shuffled)"] = score(scenes, first, shift=1)
+    rows["autoencoders' round trip"] = score(scenes, round_trip(pipe, rgba, scenes))
+    rows["ground truth"] = score(scenes, ground_truth(scenes))
+    return rows
+
+
+@torch.no_grad()
+def round_trip(pipe, rgba, scenes: list[Scene]) -> Predictions:
+    """The true layers through the autoencoders (encode, decode): the ceiling any model on these latents can reach."""
+    gt = ground_truth(scenes)
+    fg = rgba.decode(rgba.encode(gt.foreground))
+    comp = pipe.decode_latents(pipe.encode_images(gt.composite))
+    return Predictions(foreground=fg, composite=comp, extracted=fg)

@@ -1,0 +1,173 @@
+"""Reproduce the embedded toy model (bfs_core/toy/weights) from nothing, with `training/`, on one CPU core.
+
+    python scripts/train_toy.py [--work runs/toy] [--ship] [--ablations] [--scenes 2000]
+
+Steps (each skipped when its result already exists in --work, so a killed run continues):
+  1. the toy world: 2000 training scenes (real triplets, stage-1 triplets with generator shadows, pairs, Φ pairs)
+     and 64 held-out scenes (another seed);
+  2. `python -m training toy-vae`    RGB (16-channel, ×8) and RGBA autoencoders  (training/configs/toy_vae.yaml)
+  3. the toy Flux-Fill root: VAE, scheduler config, tiny text encoders (frozen random)
+  4. `python -m training base-fill`  the Fill base from scratch on composites    (training/configs/toy_base_fill.yaml)
+  5. `python -m training phi`        Φ                                           (training/configs/toy_phi.yaml)
+  6. `python -m training stage1`     BFS stage 1, paper preset at toy ranks      (training/configs/toy_stage1.yaml)
+  7. `python -m training stage2`     BFS stage 2 from the stage-1 weights        (training/configs/toy_stage2.yaml)
+`--ship` copies the result into bfs_core/toy/weights (the transformer in fp16). `--ablations` also trains the
+variants of `bfs_core/toy/evaluate.py`'s ABLATIONS with the same budget. Everything runs with one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+
+torch.set_num_threads(1)
+
+from bfs_core.models.flux_fill_loading import load_shipped_config  # noqa: E402
+from bfs_core.toy import world  # noqa: E402
+from bfs_core.toy.models import TOY_BFS, TOY_PHI, WEIGHTS_DIR, write_toy_text_encoders  # noqa: E402
+from training import train_base_fill, train_phi, train_stage1, train_stage2, train_toy_autoencoders  # noqa: E402
+from training.config import load_config  # noqa: E402
+
+
+CONFIGS = REPO / "training" / "configs"
+logger = logging.getLogger("train_toy")
+
+# Ablation variants: (stage-1 overrides or None to skip stage 1, stage-2 overrides or None to skip stage 2).
+# The budget is the same for all: stage-1 steps + stage-2 steps of the full model, moved to the stage that remains.
+ABLATIONS = {
+    "full": ({}, {}),
+    "no_comp_loss": ({"lambda_comp": 0.0}, {"lambda_comp": 0.0}),
+    "no_stage1": (None, {"max_steps": "total"}),
+    "no_stage2": ({"max_steps": "total"}, None),
+    "no_joint": ({"train_joint": False}, {"train_joint": False}),
+    "fg_only": ({"train_joint": False, "lambda_comp": 0.0}, {"train_joint": False, "lambda_comp": 0.0}),
+}
+
+
+def timed(name: str, fn, *args):
+    start = time.time()
+    result = fn(*args)
+    logger.info("%s done in %.1f s", name, time.time() - start)
+    return result
+
+
+def build_base(work: Path, scenes: int) -> dict[str, Path]:
+    data = work / "data"
+    if not (data / "real" / "manifest.jsonl").is_file():
+        timed("toy world", world.write_datasets, data, scenes, 0)
+    if not (work / "heldout" / "real" / "manifest.jsonl").is_file():
+        world.write_datasets(work / "heldout", 64, 12345)
+    vae_dir = work / "autoencoders"
+    if not (vae_dir / "rgba_vae" / "config.json").is_file():
+        cfg = load_config(train_toy_autoencoders.TrainConfig, CONFIGS / "toy_vae.yaml",
+                          {"data_dir": str(data / "real"), "output_dir": str(vae_dir)})  # fmt: skip
+        timed("toy-vae", train_toy_autoencoders.main, cfg)
+    root = work / "model" / "flux-fill"
+    if not (root / "tokenizer_2").is_dir():
+        shutil.copytree(vae_dir / "vae", root / "vae", dirs_exist_ok=True)
+        (root / "scheduler").mkdir(parents=True, exist_ok=True)
+        (root / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(load_shipped_config("flux_fill_scheduler"), indent=2)
+        )
+        write_toy_text_encoders(root)
+    rgba = work / "model" / "rgba_vae"
+    if not (rgba / "config.json").is_file():
+        shutil.copytree(vae_dir / "rgba_vae", rgba, dirs_exist_ok=True)
+    if not (root / "transformer" / "config.json").is_file():
+        cfg = load_config(train_base_fill.TrainConfig, CONFIGS / "toy_base_fill.yaml",
+                          {"data_dir": str(data / "real"), "vae": str(root / "vae"), "text_encoders": str(root),
+                           "output_dir": str(work / "base")})  # fmt: skip
+        timed("base-fill", train_base_fill.main, cfg)
+        shutil.copytree(work / "base" / "transformer", root / "transformer", dirs_exist_ok=True)
+    phi = work / "model" / "phi"
+    if not (phi / "config.json").is_file():
+        cfg = load_config(train_phi.TrainConfig, CONFIGS / "toy_phi.yaml",
+                          {"data_dir": str(data / "phi"), "vae": str(root / "vae"), "rgba_vae": str(rgba),
+                           "output_dir": str(work / "phi"), "phi_overrides": TOY_PHI})  # fmt: skip
+        result = timed("phi", train_phi.main, cfg)
+        shutil.copytree(result.weights, phi, dirs_exist_ok=True)
+    return {"data": data, "flux_fill": root, "rgba_vae": rgba, "phi": phi}
+
+
+def train_variant(work: Path, paths: dict[str, Path], name: str, s1: dict | None, s2: dict | None) -> Path:
+    out = work / "variants" / name
+    final = out / "bfs.safetensors"
+    if final.is_file():
+        return final
+    common = {"flux_fill": str(paths["flux_fill"]), "rgba_vae": str(paths["rgba_vae"]), "phi": str(paths["phi"]),
+              "bfs_overrides": TOY_BFS, "text_cache_dir": str(work / "text_cache")}  # fmt: skip
+    base1 = load_config(train_stage1.TrainConfig, CONFIGS / "toy_stage1.yaml")
+    base2 = load_config(train_stage2.TrainConfig, CONFIGS / "toy_stage2.yaml")
+    total = base1.max_steps + base2.max_steps
+    weights = None
+    if s1 is not None:
+        over = {k: (total if v == "total" else v) for k, v in s1.items()}
+        cfg = load_config(train_stage1.TrainConfig, CONFIGS / "toy_stage1.yaml",
+                          {**common, "data_dir": str(paths["data"] / "triplets"), "output_dir": str(out / "stage1"),
+                           **over})  # fmt: skip
+        weights = timed(f"{name} stage1", train_stage1.main, cfg).weights
+    if s2 is not None:
+        over = {k: (total if v == "total" else v) for k, v in s2.items()}
+        cfg = load_config(train_stage2.TrainConfig, CONFIGS / "toy_stage2.yaml",
+                          {**common, "pairs_dir": str(paths["data"] / "pairs"),
+                           "triplets_dir": str(paths["data"] / "triplets"), "output_dir": str(out / "stage2"),
+                           "init_bfs": str(weights) if weights else None, **over})  # fmt: skip
+        weights = timed(f"{name} stage2", train_stage2.main, cfg).weights
+    shutil.copy(weights, final)
+    return final
+
+
+def ship(work: Path, paths: dict[str, Path], bfs: Path, dest: Path = WEIGHTS_DIR) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest / "flux-fill"
+    for sub in ("vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        shutil.copytree(paths["flux_fill"] / sub, root / sub, dirs_exist_ok=True)
+    transformer = FluxTransformer2DModel.from_pretrained(paths["flux_fill"] / "transformer")
+    transformer.to(torch.float16).save_pretrained(root / "transformer")
+    shutil.copytree(paths["rgba_vae"], dest / "rgba_vae", dirs_exist_ok=True)
+    shutil.copytree(paths["phi"], dest / "phi", dirs_exist_ok=True)
+    shutil.copy(bfs, dest / "bfs_toy.safetensors")
+    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    logger.info("shipped the toy model to %s (%.1f MB)", dest, size / 1e6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default=str(REPO / "runs" / "toy"))
+    parser.add_argument("--scenes", type=int, default=2000)
+    parser.add_argument("--ship", action="store_true", help="copy the result into bfs_core/toy/weights")
+    parser.add_argument("--ablations", action="store_true", help="also train every ablation variant")
+    parser.add_argument("--only", nargs="*", default=None, help="train only these variants")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("accelerate", "diffusers", "transformers", "training.common"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    work = Path(args.work)
+    start = time.time()
+    paths = build_base(work, args.scenes)
+    names = args.only or (list(ABLATIONS) if args.ablations else ["full"])
+    results = {name: train_variant(work, paths, name, *ABLATIONS[name]) for name in names}
+    if args.ship:
+        ship(work, paths, results["full"])
+    minutes = (time.time() - start) / 60
+    logger.info("train_toy finished in %.1f min: %s", minutes, {k: str(v) for k, v in results.items()})
+
+
+if __name__ == "__main__":
+    main()
