@@ -15,8 +15,8 @@ from bfs_core.models import transparent_vae as tv
 from bfs_core.models.rgba_vae import load_rgba_decoder, tiny_transparent_vae_state_dict
 
 
-KEYS_FILE = Path(__file__).parent / "assets" / "transparent-vae-flux-keys.txt"  # a copy of shared/specs' list
 ASSETS = pathlib.Path(__file__).parent / "assets"
+KEYS_FILE = ASSETS / "transparent-vae-flux-keys.txt"  # a copy of shared/specs' key list
 
 
 @pytest.fixture(autouse=True, scope="module")
