@@ -11,7 +11,6 @@ import comfy.utils
 import torch
 
 from ..bfs_core.layer_math import box_from_mask, mask_from_box
-from ..bfs_core.models.dual_flux import DualBranchFlux
 
 
 logger = logging.getLogger(__name__)
@@ -111,36 +110,34 @@ class ComfyFluxVAE:
 class _PatcherModule(torch.nn.Module):
     """A plain container ComfyUI's ModelPatcher can move and annotate (it sets `.device` and a few counters)."""
 
-    def __init__(self, dual: DualBranchFlux):
+    def __init__(self, inner: torch.nn.Module):
         super().__init__()
-        self.dual = dual
+        self.inner = inner
         self.device = None
 
 
 @dataclass
-class BFSModel:
-    """What flows through a BFS_MODEL socket. Nodes read it and never modify it."""
+class PatchedModel:
+    """What flows through a BFS_MODEL or BFS_DECOMPOSITION_MODEL socket: the model inside a ModelPatcher (so ComfyUI's
+    memory management loads and offloads it like any other) and its scheduler config. Nodes read it, never modify it.
+    """
 
     patcher: comfy.model_patcher.ModelPatcher
     scheduler_config: dict
     name: str
 
-    @property
-    def dual(self) -> DualBranchFlux:
-        return self.patcher.model.dual
-
     @classmethod
-    def wrap(cls, dual: DualBranchFlux, scheduler_config: dict, name: str) -> BFSModel:
+    def wrap(cls, inner: torch.nn.Module, scheduler_config: dict, name: str) -> PatchedModel:
         mm = comfy.model_management
         patcher = comfy.model_patcher.ModelPatcher(
-            _PatcherModule(dual), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+            _PatcherModule(inner), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
         )
         return cls(patcher=patcher, scheduler_config=scheduler_config, name=name)
 
-    def load(self) -> DualBranchFlux:
+    def load(self) -> torch.nn.Module:
         """Ask ComfyUI's memory management to put the model on the compute device (offloading others if needed)."""
         comfy.model_management.load_models_gpu([self.patcher])
-        return self.dual
+        return self.patcher.model.inner
 
 
 # -- progress ------------------------------------------------------------------------------------------------------

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import comfy.model_management
-import comfy.model_patcher
 import folder_paths
 import torch
 from comfy_api.latest import ComfyExtension, io
@@ -14,45 +10,14 @@ from typing_extensions import override
 from ..bfs_core.models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config
 from ..bfs_core.models.layer_decomposition import (
     DecompositionPipeline,
-    LayerDecomposition,
     apply_decomposition_weights,
 )
-from .common import ComfyFluxVAE, flux_text, image_from_core, image_to_core, mask_to_core, progress
+from .common import ComfyFluxVAE, PatchedModel, flux_text, image_from_core, image_to_core, mask_to_core, progress
 from .loaders import RGBA_VAE, WeightDtype
 
 
 DECOMPOSITION_MODEL = io.Custom("BFS_DECOMPOSITION_MODEL")
 CATEGORY = "BFS/decomposition"
-
-
-class _PatcherModule(torch.nn.Module):
-    """A plain container ComfyUI's ModelPatcher can move and annotate."""
-
-    def __init__(self, model: LayerDecomposition):
-        super().__init__()
-        self.decomposition = model
-        self.device = None
-
-
-@dataclass
-class DecompositionModel:
-    """What flows through a BFS_DECOMPOSITION_MODEL socket (like `BFSModel`)."""
-
-    patcher: comfy.model_patcher.ModelPatcher
-    scheduler_config: dict
-    name: str
-
-    @classmethod
-    def wrap(cls, model: LayerDecomposition, scheduler_config: dict, name: str) -> DecompositionModel:
-        mm = comfy.model_management
-        patcher = comfy.model_patcher.ModelPatcher(
-            _PatcherModule(model), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-        )
-        return cls(patcher=patcher, scheduler_config=scheduler_config, name=name)
-
-    def load(self) -> LayerDecomposition:
-        comfy.model_management.load_models_gpu([self.patcher])
-        return self.patcher.model.decomposition
 
 
 class LoadDecomposition(io.ComfyNode):
@@ -83,7 +48,7 @@ class LoadDecomposition(io.ComfyNode):
         transformer = load_flux_fill_transformer(base_path, torch_dtype=dtype, device="cpu")
         model = apply_decomposition_weights(transformer, weights_path)
         scheduler = load_shipped_config("flux_fill_scheduler")
-        return io.NodeOutput(DecompositionModel.wrap(model, scheduler, f"{base_model} + {weights}"))
+        return io.NodeOutput(PatchedModel.wrap(model, scheduler, f"{base_model} + {weights}"))
 
 
 class DecomposeLayers(io.ComfyNode):

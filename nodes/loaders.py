@@ -15,7 +15,7 @@ from ..bfs_core.models.bfs_checkpoint import load_bfs
 from ..bfs_core.models.dual_flux import store_weights_in_fp8
 from ..bfs_core.models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config
 from ..bfs_core.models.rgba_vae import load_rgba_decoder
-from .common import BFSModel
+from .common import PatchedModel
 
 
 BFS_MODEL = io.Custom("BFS_MODEL")
@@ -61,7 +61,7 @@ class LoadBFS(io.ComfyNode):
         dual = load_bfs(transformer, bfs_path)
         if weight_dtype == WeightDtype.FP8:
             store_weights_in_fp8(transformer, compute_dtype=compute)
-        model = BFSModel.wrap(dual, load_shipped_config("flux_fill_scheduler"), f"{base_model} + {bfs_weights}")
+        model = PatchedModel.wrap(dual, load_shipped_config("flux_fill_scheduler"), f"{base_model} + {bfs_weights}")
         return io.NodeOutput(model)
 
 
