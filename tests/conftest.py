@@ -1,6 +1,7 @@
 """Shared tiny models for the CPU test suite (diffusers-style: tiny configs, fixed seeds)."""
 
 import os
+import socket
 
 import pytest
 import torch
@@ -64,3 +65,24 @@ def dual_inputs(n: int = 1, seed: int = 0, latent_hw=(8, 8), text_len: int = 6, 
 @pytest.fixture
 def tiny_flux():
     return make_tiny_flux()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Offline tests: hub libraries told they are offline, and any socket connection refused."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("network access attempted in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny nets gain nothing from threads, and on a busy 2-core runner OpenMP spin-waits made them ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

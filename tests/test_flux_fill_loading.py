@@ -2,7 +2,6 @@
 
 import json
 import logging
-import socket
 
 import pytest
 import torch
@@ -19,15 +18,7 @@ from bfs_core.models.flux_fill_loading import (
 )
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("network access attempted in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from bfs_core.models.rgba_vae import (
 from bfs_core.models.transparent_vae import TransparentVAE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny nets gain nothing from threads, and on a busy 2-core runner OpenMP spin-waits made them ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """FLUX text encoders: tiny offline write -> load -> encode, following FluxPipeline's prompt encoding."""
 
-import socket
 
 import pytest
 import torch
@@ -11,15 +10,7 @@ from bfs_core.text_encoders import FluxTextEncoders, write_tiny_text_encoders
 PROMPTS = ["a red cat on a wooden table", "A blue car near the house."]
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("network access attempted in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")

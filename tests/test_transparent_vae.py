@@ -19,13 +19,7 @@ ASSETS = pathlib.Path(__file__).parent / "assets"
 KEYS_FILE = ASSETS / "transparent-vae-flux-keys.txt"  # a copy of shared/specs' key list
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny nets gain nothing from threads, and on a busy 2-core runner OpenMP spin-waits made them ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def reference_keys() -> dict[str, tuple[int, ...]]:
