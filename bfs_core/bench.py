@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.dual_flux import DualBranchConfig, DualBranchFlux, parameter_group, prepare_for_inference
+from .models.dual_flux import DualBranchConfig, DualBranchFlux, prepare_for_inference
 from .sampling.flow_match import latent_image_ids
+from .tiny import randomize_bfs_parameters
 
 
 logger = logging.getLogger(__name__)
@@ -182,10 +183,7 @@ def run_benchmark(
             del plain_model
             torch.cuda.empty_cache()
         dual = DualBranchFlux(_build(cfg, device, dtype), preset)
-        gen = torch.Generator().manual_seed(1)
-        for name, param in dual.transformer.named_parameters():
-            if parameter_group(name) != "base":  # live joint modules (a fresh post projection is zero and skipped)
-                param.copy_((torch.randn(param.shape, generator=gen) * 0.02).to(param))
+        randomize_bfs_parameters(dual.transformer, seed=1)  # live joint modules: a fresh (zero) post is skipped
         prepare_for_inference(dual.transformer)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

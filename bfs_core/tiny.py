@@ -68,14 +68,16 @@ def write_tiny_flux_vae(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def _random_bfs(transformer, config: DualBranchConfig, seed: int) -> DualBranchFlux:
-    model = DualBranchFlux(transformer, config)
+def randomize_bfs_parameters(
+    transformer, seed: int = 1, std: float = 0.02, groups: tuple[str, ...] = ("comp", "fg", "joint")
+) -> None:
+    """Fill every BFS parameter of `groups` with N(0, std²) values (fresh adapters are exact no-ops, which makes a
+    random model useless for checking that weights load and act)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in transformer.named_parameters():
-            if parameter_group(name) != "base":
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-    return model
+            if parameter_group(name) in groups:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
 def write_tiny_set(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
@@ -105,7 +107,8 @@ def write_tiny_set(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     torch.save(official, paths["bfs_official_pt"])
     for preset in ("release", "paper"):
         fresh = load_flux_fill_transformer(root, torch_dtype=torch.float32)
-        model = _random_bfs(fresh, DualBranchConfig.preset(preset), seed=seed + 2)
+        model = DualBranchFlux(fresh, DualBranchConfig.preset(preset))
+        randomize_bfs_parameters(fresh, seed=seed + 2)
         paths[f"bfs_{preset}"] = bfs_dir / f"bfs_{preset}_tiny.safetensors"
         save_bfs_weights(model, paths[f"bfs_{preset}"])
 

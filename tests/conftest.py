@@ -6,6 +6,8 @@ import socket
 import pytest
 import torch
 
+from bfs_core.tiny import randomize_bfs_parameters  # noqa: F401  (re-exported for the test modules)
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,17 +32,6 @@ def make_tiny_flux(seed: int = 0, dtype=torch.float32, **overrides):
     torch.manual_seed(seed)
     model = FluxTransformer2DModel(**{**TINY_FLUX, **overrides}).eval()
     return model if dtype == torch.float32 else model.to(dtype)
-
-
-def randomize_bfs_parameters(transformer, seed: int = 1, std: float = 0.05, groups=("comp", "fg", "joint")):
-    """Give every BFS parameter of the chosen groups non-zero random values (fresh adapters are exact no-ops)."""
-    from bfs_core.models.dual_flux import parameter_group
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if parameter_group(name) in groups:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
 def dual_inputs(n: int = 1, seed: int = 0, latent_hw=(8, 8), text_len: int = 6, width: int = 32):
