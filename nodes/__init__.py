@@ -21,12 +21,13 @@ from .decompose import DecomposeNodes  # noqa: E402  (the folder must be registe
 from .layers import LayerNodes  # noqa: E402
 from .loaders import LoaderNodes  # noqa: E402
 from .sampling import SamplingNodes  # noqa: E402
+from .toy import ToyNodes  # noqa: E402
 
 
 class BFSExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        extensions = [LoaderNodes(), SamplingNodes(), LayerNodes(), DecomposeNodes()]
+        extensions = [LoaderNodes(), SamplingNodes(), LayerNodes(), DecomposeNodes(), ToyNodes()]
         if os.environ.get("BFS_TEST_NODES") == "1":
             from .testing import TestingNodes
 

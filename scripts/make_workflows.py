@@ -137,6 +137,39 @@ def decompose_layers() -> dict:
     }  # fmt: skip
 
 
+def toy_scene() -> dict:
+    """The embedded toy model (no downloads): the demo's chained scene of `python -m bfs_core demo`."""
+    nodes = {
+        1: ("BFSToyBackground", {"seed": 3}, {}),
+        2: ("BFSLoadToyModel", {}, {}),
+    }
+    background, layers = (1, 0), []
+    boxes = [(10, 38, 26, 54), (38, 40, 54, 56)]
+    prompts = ["a red cube", "a blue ball"]
+    for i, (box, prompt) in enumerate(zip(boxes, prompts)):
+        base = 10 + 10 * i
+        nodes |= {
+            base: ("BFSBoxToMask", dict(zip(("x0", "y0", "x1", "y1"), box)), {"image": background}),
+            base + 1: ("BFSToyTextEncode", {"text": prompt}, {"text_encoder": (2, 3)}),
+            base + 2: ("BFSBG2FGSample", {"seed": 10 + i, "steps": 20, "guidance": 30.0, "short_side": 512},
+                       {"bfs_model": (2, 0), "background": background, "mask": (base, 0), "positive": (base + 1, 0),
+                        "vae": (2, 1)}),
+            base + 3: ("BFSRGBADecode", {"tta": False}, {"rgba_vae": (2, 2), "foreground": (base + 2, 0)}),
+            base + 4: ("BFSCompositeLayer", {}, {"background": background, "layer": (base + 3, 0)}),
+            base + 5: ("SaveImage", {"filename_prefix": f"bfs_toy/layer_{i + 1}"}, {"images": (base + 3, 0)}),
+        }  # fmt: skip
+        layers.append((base + 3, 0))
+        background = (base + 4, 0)
+    nodes[40] = ("SaveImage", {"filename_prefix": "bfs_toy/scene"}, {"images": background})
+    layer_links = {f"layer_{i + 1}": layer for i, layer in enumerate(layers)}
+    nodes[41] = (
+        "BFSSaveLayers",
+        {"names": "red cube, blue ball", "format": "psd+ora", "filename_prefix": "bfs_toy/scene"},
+        {"background": (1, 0), **layer_links},
+    )
+    return nodes
+
+
 WORKFLOWS = {
     "bg2fg_text.json": lambda: bg2fg("a ceramic vase with flowers"),
     "bg2fg_redux_reference.json": lambda: bg2fg("an object", reference=True),
@@ -144,6 +177,7 @@ WORKFLOWS = {
     "three_layer_scene.json": three_layer_scene,
     "extract_foreground.json": extract_foreground,
     "decompose_layers.json": decompose_layers,
+    "toy_scene.json": toy_scene,
 }
 
 
@@ -190,7 +224,8 @@ def to_ui(nodes: dict, info: dict) -> dict:
                     choices = all_inputs[name][0] if isinstance(all_inputs[name][0], list) else options.get("options")
                     default = choices[0] if choices else ""
                 values.append(widgets.get(name, default))
-                if options.get("control_after_generate"):
+                # The frontend adds a "control after generate" widget to these, and to any INT input named seed.
+                if options.get("control_after_generate") or (kind == "INT" and name in ("seed", "noise_seed")):
                     values.append("fixed")
                 if options.get("image_upload"):
                     values.append("image")

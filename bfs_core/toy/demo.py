@@ -43,7 +43,8 @@ class DemoResult:
     seconds: float
 
 
-def _background(seed: int) -> torch.Tensor:
+def background_image(seed: int) -> torch.Tensor:
+    """The toy background of `seed` as [1, 3, 64, 64] in [0, 1] (the Toy Background node's image)."""
     bg, _ = make_background(np.random.default_rng(seed))
     return torch.from_numpy(bg).permute(2, 0, 1)[None].float()  # [H, W, 3] -> [1, 3, H, W]
 
@@ -101,7 +102,7 @@ def run_demo(out_dir: str | Path, *, weights: str | Path | None = None, steps: i
     pipe, rgba = load_toy(weights)
     rows = []
     for bg_seed, items in SCENES:
-        bg = _background(bg_seed)
+        bg = background_image(bg_seed)
         row = [_tile(bg[0], label=f"background {bg_seed}")]
         for k, (prompt, box) in enumerate(items):
             layer, _ = bg2fg(pipe, rgba, bg, prompt, box, steps=steps, seed=seed + k)
@@ -113,7 +114,7 @@ def run_demo(out_dir: str | Path, *, weights: str | Path | None = None, steps: i
 
     # Chaining: every new layer is generated over the scene so far; the file keeps the layers separate.
     bg_seed, items = CHAIN
-    scene = bg = _background(bg_seed)
+    scene = bg = background_image(bg_seed)
     layers, chain_row = [], [_tile(bg[0], label="chain: background")]
     for k, (prompt, box) in enumerate(items):
         layer, _ = bg2fg(pipe, rgba, scene, prompt, box, steps=steps, seed=seed + 10 + k)

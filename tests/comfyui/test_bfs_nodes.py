@@ -35,6 +35,9 @@ EXPECTED = {  # node id -> (input types by name, output types): the documented i
     "BFSDecomposeLayers": ({"decomposition_model": "BFS_DECOMPOSITION_MODEL", "image": "IMAGE", "mask": "MASK",
                            "positive": "CONDITIONING", "vae": "VAE", "rgba_vae": "BFS_RGBA_VAE", "edge": "IMAGE",
                            "segmentation": "IMAGE", "depth": "IMAGE", "seed": "INT"}, ["IMAGE", "MASK", "IMAGE"]),
+    "BFSLoadToyModel": ({}, ["BFS_MODEL", "VAE", "BFS_RGBA_VAE", "BFS_TOY_TEXT_ENCODER"]),
+    "BFSToyTextEncode": ({"text_encoder": "BFS_TOY_TEXT_ENCODER", "text": "COMBO"}, ["CONDITIONING"]),
+    "BFSToyBackground": ({"seed": "INT"}, ["IMAGE"]),
 }  # fmt: skip
 WIDTH, HEIGHT = 150, 110  # not a multiple of 64: exercises processing size and paste-back
 
@@ -284,3 +287,25 @@ def test_decompose_layers(comfy, models):
     assert background.shape == (HEIGHT, WIDTH, 3)
     # Outside the (slightly grown) mask the background keeps the input's own pixels at native resolution.
     assert np.abs(background[:20, :20] - [0x66, 0x88, 0xAA]).max() <= 1
+
+
+def test_toy_vae_works_with_stock_vae_nodes(comfy):
+    """The toy VAE behind ComfyUI's VAE interface: stock VAEEncode -> VAEDecode reproduces the toy background."""
+    from bfs_core.toy.demo import background_image
+
+    g = {
+        "bg": {"class_type": "BFSToyBackground", "inputs": {"seed": 5}},
+        "toy": {"class_type": "BFSLoadToyModel", "inputs": {}},
+        "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["bg", 0], "vae": ["toy", 1]}},
+        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["enc", 0], "vae": ["toy", 1]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": "t/toy_vae"}},
+        "save_bg": {"class_type": "SaveImage", "inputs": {"images": ["bg", 0], "filename_prefix": "t/toy_bg"}},
+    }
+    result = comfy.run(g, timeout=120)
+    assert result.ok, result.error
+    background = np.asarray(Image.open(comfy.file_path(result.files("save_bg")[0]))).astype(np.float32) / 255
+    expected = background_image(5)[0].permute(1, 2, 0).numpy()
+    assert np.abs(background - expected).max() <= 1 / 255  # the node's image is the demo's background
+    decoded = np.asarray(Image.open(comfy.file_path(result.files("save")[0]))).astype(np.float32) / 255
+    assert decoded.shape == (64, 64, 3)
+    assert np.abs(decoded - background).mean() < 0.03  # a trained autoencoder's round trip, not noise

@@ -169,3 +169,45 @@ def test_frontend_loads_workflow(path: Path | None, frontend: ComfyFrontend, com
     assert result.prompt_error is None, result.prompt_error
     assert frontend_prompt_problems(result.prompt, comfy_object_info) == []
     assert result.page_errors == []
+
+
+# -- the toy workflow runs for real ----------------------------------------------------------------------------------
+def test_toy_workflow_runs_from_the_frontend_as_the_demo_does(frontend: ComfyFrontend, comfy: ComfyClient):
+    """workflows/toy_scene.json needs no model file: loaded in the real frontend, its prompt runs on the server and
+    gives the layers `python -m bfs_core demo` makes for the same background, prompts, boxes and seeds."""
+    import numpy as np
+    from PIL import Image
+
+    from bfs_core.toy.demo import CHAIN, background_image, bg2fg
+    from bfs_core.toy.models import load_toy
+
+    path = REPO / "workflows" / "toy_scene.json"
+    result = frontend.load(json.loads(path.read_text()), path.name)
+    assert result.missing == [] and result.prompt_error is None, (result.missing, result.prompt_error)
+    run = comfy.run(result.prompt, timeout=300)
+    assert run.ok, run.error
+
+    saves = {i: n for i, n in result.prompt.items() if n["class_type"] == "SaveImage"}
+    by_prefix = {n["inputs"]["filename_prefix"]: i for i, n in saves.items()}
+    pipe, rgba = load_toy()
+    bg_seed, items = CHAIN
+    scene = background_image(bg_seed)
+    for k, (prompt, box) in enumerate(items):
+        png = Image.open(comfy.file_path(run.files(by_prefix[f"bfs_toy/layer_{k + 1}"])[0]))
+        assert png.mode == "RGBA" and png.size == (64, 64)
+        layer = np.asarray(png).astype(np.float32) / 255
+        expected, _ = bg2fg(pipe, rgba, scene, prompt, box, steps=20, seed=10 + k)
+        expected_np = expected[0].permute(1, 2, 0).numpy()
+        premul = lambda x: np.concatenate([x[..., :3] * x[..., 3:], x[..., 3:]], -1)  # noqa: E731
+        assert np.abs(premul(layer) - premul(expected_np)).max() <= 2 / 255, prompt
+        x0, y0, x1, y1 = box
+        assert layer[y0:y1, x0:x1, 3].mean() > 0.4, f"{prompt}: little opacity inside its box"
+        a = expected[:, 3:]
+        scene = expected[:, :3] * a + scene * (1 - a)
+    save_layers = next(i for i, n in result.prompt.items() if n["class_type"] == "BFSSaveLayers")
+    paths = run.outputs[save_layers]["text"]
+    assert sorted(p.rsplit(".", 1)[1] for p in paths) == ["ora", "psd"]
+    from psd_tools import PSDImage
+
+    psd = PSDImage.open(next(p for p in paths if p.endswith(".psd")))
+    assert [layer.name for layer in psd] == ["Background", "red cube", "blue ball"]
