@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bfs_core.toy import world
-from bfs_core.toy.evaluate import ground_truth, heldout_scenes, predict, score
+from bfs_core.toy.evaluate import HIGHER_IS_BETTER, ground_truth, heldout_scenes, predict, score
 from bfs_core.toy.models import WEIGHTS_DIR
 
 
@@ -59,6 +59,24 @@ class TestWorld:
         rows = score(scenes, ground_truth(scenes))
         assert rows["alpha_iou"] > 0.95 and rows["colour_acc"] == 1 and rows["shape_acc"] == 1
         assert rows["shadow_err_deg"] < 5 and rows["comp_consistency"] < 1e-6 and rows["extract_err"] < 1e-6
+        assert rows["stray_alpha"] < 1e-6
+
+    def test_stray_alpha_counts_blobs_outside_the_layer_only(self):
+        from bfs_core.toy.evaluate import scene_metrics
+
+        scene = heldout_scenes(1)[0]
+        outside = ~(np.abs(scene.foreground[..., 3]) > 0.01)
+        y, x = 0, 0  # the sky's top-left corner is never part of a layer (objects stand on the ground)
+        assert outside[y : y + 4, x : x + 4].all()
+        fg = scene.foreground.copy()
+        fg[y : y + 4, x : x + 4, 3] = 1.0
+        metrics = scene_metrics(scene, fg, scene.composite, scene.foreground)
+        # The footprint grown by 3 px = any layer pixel within Chebyshev distance 3 (a 7×7 max filter).
+        padded = np.pad(~outside, 3)
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (7, 7))
+        grown = ~windows.any(axis=(-1, -2))
+        assert metrics["stray_alpha"] == pytest.approx(16 / grown.sum(), rel=1e-5)
+        assert metrics["alpha_iou"] > 0.95  # a blob far from the box leaves the object metrics alone
 
 
 needs_weights = pytest.mark.skipif(
@@ -82,7 +100,7 @@ def _failures(scores, margins) -> list[str]:
     failures = []
     for metric, (margin, kind) in margins.items():
         m, c = model[metric], chance[metric]
-        if metric in ("shadow_err_deg", "comp_consistency", "extract_err"):  # lower is better
+        if not HIGHER_IS_BETTER[metric]:
             ok = m <= c - margin if kind == "abs" else m <= margin * c
         else:
             ok = m >= c + margin if kind == "abs" else m >= margin * c
@@ -95,3 +113,17 @@ def _failures(scores, margins) -> list[str]:
 def test_committed_toy_model_beats_chance(toy_scores):
     failures = _failures(toy_scores, MARGINS)
     assert not failures, "; ".join(failures)
+
+
+@needs_weights
+def test_toy_prompt_outside_the_vocabulary_is_refused_with_the_vocabulary():
+    from bfs_core.text_encoders import FluxTextEncoders
+    from bfs_core.toy.models import encode_toy_prompt, toy_paths
+
+    encoders = FluxTextEncoders.from_pretrained(toy_paths()["flux_fill"], torch_dtype=torch.float32)
+    embeds, pooled = encode_toy_prompt(encoders, "a red cube")
+    assert embeds.shape == (1, 16, 32) and pooled.shape == (1, 32)
+    other, _ = encode_toy_prompt(encoders, "a red ball")
+    assert (embeds - other).abs().max() > 1e-3  # the shape word reaches the tokens
+    with pytest.raises(ValueError, match="a white pillar"):  # the message lists what the toy model knows
+        encode_toy_prompt(encoders, "a dragon")

@@ -1,12 +1,14 @@
 """Measure what the toy model learned, on held-out toy scenes with exact ground truth.
 
-Metrics (per scene, then averaged):
-- `alpha_iou`: IoU of the generated object (alpha > 0.75; shadows are at most 0.6 opaque) with the true object;
+Metrics (per scene, then averaged). The object is alpha > 0.75 (shadows are at most 0.6 opaque) inside the box grown
+by 2 px; the layer's footprint is the true layer's alpha > 0.01 grown by 3 px (object and shadow, wherever they fall):
+- `alpha_iou`: IoU of the generated object inside the box with the true object;
 - `colour_acc`: the object's mean colour is nearest (in the palette) to the prompt's colour;
 - `shape_acc`: the object's silhouette best matches the prompt's shape (templates fitted to its own box; a rectangle
   taller than 1.75× its width is a pillar);
-- `shadow_err_deg`: angle between (object foot -> centroid of the shadow: 0.05 <= alpha <= 0.75 outside the object)
-  and the true direction, which points away from the sun; 90° when no shadow is found;
+- `shadow_err_deg`: angle between (object foot -> centroid of the shadow: 0.05 <= alpha <= 0.75 outside the object,
+  inside the footprint) and the true direction, which points away from the sun; 90° when no shadow is found;
+- `stray_alpha`: mean alpha outside the footprint, where the true layer is empty (stray blobs; 0 is clean);
 - `comp_consistency`: mean |C − blend(F, B)| between the composite branch and the foreground layer over the input
   background (eq. 1), pixels in [0, 1];
 - `extract_err`: Extract Foreground on the ground-truth composite: mean |premultiplied RGBA − ground truth|.
@@ -29,9 +31,9 @@ from .world import COLOURS, SHAPES, Scene, make_scene, shape_mask
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("alpha_iou", "colour_acc", "shape_acc", "shadow_err_deg", "comp_consistency", "extract_err")
+METRICS = ("alpha_iou", "colour_acc", "shape_acc", "shadow_err_deg", "stray_alpha", "comp_consistency", "extract_err")
 HIGHER_IS_BETTER = {"alpha_iou": True, "colour_acc": True, "shape_acc": True, "shadow_err_deg": False,
-                    "comp_consistency": False, "extract_err": False}  # fmt: skip
+                    "stray_alpha": False, "comp_consistency": False, "extract_err": False}  # fmt: skip
 OBJECT_ALPHA = 0.75
 
 
@@ -116,7 +118,29 @@ def classify_shape(obj: np.ndarray) -> str | None:
     return best
 
 
-def shadow_direction(alpha: np.ndarray, obj: np.ndarray) -> tuple[float, float] | None:
+def _grow(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """`mask` dilated by `pixels` (a square neighbourhood)."""
+    out = mask.copy()
+    for _ in range(pixels):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= grown[:, :-1].copy()
+        grown[:, :-1] |= grown[:, 1:].copy()
+        out = grown
+    return out
+
+
+def _box_region(box: list[int], shape: tuple[int, int], margin: int) -> np.ndarray:
+    region = np.zeros(shape, dtype=bool)
+    x0, y0, x1, y1 = box
+    region[max(0, y0 - margin) : y1 + margin, max(0, x0 - margin) : x1 + margin] = True
+    return region
+
+
+def shadow_direction(
+    alpha: np.ndarray, obj: np.ndarray, region: np.ndarray | None = None
+) -> tuple[float, float] | None:
     box = _bbox(obj)
     if box is None:
         return None
@@ -124,6 +148,8 @@ def shadow_direction(alpha: np.ndarray, obj: np.ndarray) -> tuple[float, float] 
     for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
         dil |= np.roll(obj, (dy, dx), axis=(0, 1))
     weight = np.where((alpha >= 0.05) & (alpha <= OBJECT_ALPHA) & ~dil, alpha, 0.0)
+    if region is not None:
+        weight = weight * region
     if weight.sum() < 1.0:
         return None
     ys, xs = np.mgrid[0 : alpha.shape[0], 0 : alpha.shape[1]] + 0.5
@@ -136,10 +162,11 @@ def shadow_direction(alpha: np.ndarray, obj: np.ndarray) -> tuple[float, float] 
 def scene_metrics(scene: Scene, fg: np.ndarray, comp: np.ndarray, extracted: np.ndarray) -> dict[str, float]:
     """Metrics of one scene; `fg`, `extracted` [H, W, 4] straight RGBA and `comp` [H, W, 3], numpy in [0, 1]."""
     alpha = fg[..., 3]
-    obj = alpha > OBJECT_ALPHA
+    obj = (alpha > OBJECT_ALPHA) & _box_region(scene.box, alpha.shape, 2)
     true_obj = scene.object_alpha > 0.5
+    footprint = _grow(scene.foreground[..., 3] > 0.01, 3)
     colour = classify_colour(fg[obj][:, :3].mean(0)) if obj.any() else None
-    direction = shadow_direction(alpha, obj)
+    direction = shadow_direction(alpha, obj, footprint)
     if direction is None:
         shadow_err = 90.0
     else:
@@ -154,6 +181,7 @@ def scene_metrics(scene: Scene, fg: np.ndarray, comp: np.ndarray, extracted: np.
         "colour_acc": float(colour == scene.colour),
         "shape_acc": float(classify_shape(obj) == scene.shape),
         "shadow_err_deg": shadow_err,
+        "stray_alpha": float(alpha[~footprint].mean()) if (~footprint).any() else 0.0,
         "comp_consistency": float(np.abs(comp - blend).mean()),
         "extract_err": float(np.abs(premul - true_premul).mean()),
     }
