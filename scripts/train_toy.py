@@ -1,9 +1,9 @@
 """Reproduce the embedded toy model (bfs_core/toy/weights) from nothing, with `training/`, on one CPU core.
 
-    python scripts/train_toy.py [--work runs/toy] [--ship] [--ablations] [--scenes 2000]
+    python scripts/train_toy.py [--work runs/toy] [--ship] [--ablations] [--jobs 2] [--threads 1] [--scenes 4000]
 
 Steps (each skipped when its result already exists in --work, so a killed run continues):
-  1. the toy world: 2000 training scenes (real triplets, stage-1 triplets with generator shadows, pairs, Φ pairs)
+  1. the toy world: 4000 training scenes (real triplets, stage-1 triplets with generator shadows, pairs, Φ pairs)
      and 64 held-out scenes (another seed);
   2. `python -m training toy-vae`    RGB (16-channel, ×8) and RGBA autoencoders  (training/configs/toy_vae.yaml)
   3. the toy Flux-Fill root: VAE, scheduler config, tiny text encoders (frozen random)
@@ -12,7 +12,8 @@ Steps (each skipped when its result already exists in --work, so a killed run co
   6. `python -m training stage1`     BFS stage 1, paper preset at toy ranks      (training/configs/toy_stage1.yaml)
   7. `python -m training stage2`     BFS stage 2 from the stage-1 weights        (training/configs/toy_stage2.yaml)
 `--ship` copies the result into bfs_core/toy/weights (the transformer in fp16). `--ablations` also trains the
-variants of `bfs_core/toy/evaluate.py`'s ABLATIONS with the same budget. Everything runs with one thread.
+variants of `bfs_core/toy/evaluate.py`'s ABLATIONS with the same budget, `--jobs` of them at a time (one process each).
+Each process uses `--threads` torch threads (default 1: small models gain little from more).
 """
 
 from __future__ import annotations
@@ -20,21 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-
-
-torch.set_num_threads(1)
 
 from bfs_core.models.flux_fill_loading import load_shipped_config  # noqa: E402
 from bfs_core.toy import world  # noqa: E402
@@ -147,14 +144,37 @@ def ship(work: Path, paths: dict[str, Path], bfs: Path, dest: Path = WEIGHTS_DIR
     logger.info("shipped the toy model to %s (%.1f MB)", dest, size / 1e6)
 
 
+def run_in_parallel(args: argparse.Namespace, names: list[str]) -> None:
+    """Train `names` in `args.jobs` child processes of this script (`--only NAME`), each logging to its own file."""
+    pending, running = list(names), []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            log = open(Path(args.work) / f"variant_{name}.log", "w")  # noqa: SIM115 (closed when the child ends)
+            cmd = [sys.executable, __file__, "--work", args.work, "--threads", str(args.threads), "--only", name]
+            logger.info("started %s (log: %s)", name, log.name)
+            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(5)
+        for item in list(running):
+            name, proc, log = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                if proc.returncode:
+                    raise SystemExit(f"variant {name} failed (exit {proc.returncode}); see {log.name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(REPO / "runs" / "toy"))
-    parser.add_argument("--scenes", type=int, default=2000)
+    parser.add_argument("--scenes", type=int, default=4000)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--jobs", type=int, default=1, help="ablation variants trained at a time")
     parser.add_argument("--ship", action="store_true", help="copy the result into bfs_core/toy/weights")
     parser.add_argument("--ablations", action="store_true", help="also train every ablation variant")
     parser.add_argument("--only", nargs="*", default=None, help="train only these variants")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("accelerate", "diffusers", "transformers", "training.common"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -162,6 +182,11 @@ def main() -> None:
     start = time.time()
     paths = build_base(work, args.scenes)
     names = args.only or (list(ABLATIONS) if args.ablations else ["full"])
+    unknown = sorted(set(names) - set(ABLATIONS))
+    if unknown:
+        parser.error(f"--only: unknown variants {unknown}; choose from {list(ABLATIONS)}")
+    if args.jobs > 1 and len(names) > 1:
+        run_in_parallel(args, names)
     results = {name: train_variant(work, paths, name, *ABLATIONS[name]) for name in names}
     if args.ship:
         ship(work, paths, results["full"])

@@ -3,7 +3,7 @@
 Layout of a toy model folder (the committed one is `bfs_core/toy/weights/`; `scripts/train_toy.py` writes the same):
 
     flux-fill/transformer/     FluxTransformer2DModel, Fill layout (384 -> 64 channels), 2 double + 4 single blocks,
-                               width 64 (2 heads × 32), T5 width 32, CLIP width 32, guidance embedding; fp16 on disk
+                               width 128 (4 heads × 32), T5 width 32, CLIP width 32, guidance embedding; fp16 on disk
     flux-fill/vae/             AutoencoderKL 3 -> 16 latent channels, ×8 downsampling (the toy "Flux VAE")
     flux-fill/scheduler/       the shipped Flux-Fill scheduler config
     flux-fill/text_encoder*/, tokenizer*/   tiny CLIP + T5 (frozen random, offline tokenizers): same CONDITIONING
@@ -34,7 +34,7 @@ TOY_FLUX = dict(
     num_layers=2,
     num_single_layers=4,
     attention_head_dim=32,
-    num_attention_heads=2,
+    num_attention_heads=4,
     joint_attention_dim=32,
     pooled_projection_dim=32,
     guidance_embeds=True,
@@ -52,7 +52,7 @@ TOY_VAE = dict(
     mid_block_add_attention=False,
 )
 TOY_PHI = dict(block_out_channels=[32, 64], norm_num_groups=8, layers_per_block=1, sample_size=8)
-TOY_BFS = dict(content_rank=16, joint_rank=4)  # bfs_overrides of the paper preset at width 64
+TOY_BFS = dict(content_rank=32, joint_rank=8)  # bfs_overrides of the paper preset at width 128
 
 
 def toy_vae(channels: int, seed: int = 0):
@@ -112,3 +112,18 @@ def load_toy(root: str | Path | None = None, bfs: str | Path | None = None, devi
     pipe = load_pipeline(str(paths["flux_fill"]), str(bfs or paths["bfs"]), dtype=torch.float32, device=device)
     rgba = load_rgba_decoder(str(paths["rgba_vae"]), device=device, dtype=torch.float32)
     return pipe, rgba
+
+
+def encode_toy_prompt(text_encoders, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds [1, 16, 32], pooled [1, 32]) of one prompt of the toy vocabulary ("a red cube", ...).
+
+    The toy text encoders are frozen random nets over characters: any other text encodes to something the toy model
+    never saw, so it is refused with the list of what it knows.
+    """
+    from .world import vocabulary
+
+    known = vocabulary()
+    if prompt not in known:
+        raise ValueError(f"The toy model knows only 'a <colour> <shape>' prompts but got {prompt!r}. Use one of: "
+                         f"{', '.join(known)}.")  # fmt: skip
+    return text_encoders.encode([prompt], max_sequence_length=MAX_SEQUENCE_LENGTH)
