@@ -1,6 +1,10 @@
-"""Reproduce the embedded toy model (bfs_core/toy/weights) from nothing, with `training/`, on one CPU core.
+"""Reproduce the embedded toy model (bfs_core/toy/weights) from nothing, with `training/`, on a CPU.
 
     python scripts/train_toy.py [--work runs/toy] [--ship] [--ablations] [--jobs 2] [--threads 1] [--scenes 4000]
+
+The committed model came from `python scripts/train_toy.py --threads 2 --ship` in one run from an empty work folder:
+38 min on a 2-core machine (world 1 min, autoencoders 11, base 12, Φ 1, stage 1 10, stage 2 3). Another thread
+count or machine gives the same recipe with float rounding of its own, so numbers match to noise, not bit for bit.
 
 Steps (each skipped when its result already exists in --work, so a killed run continues):
   1. the toy world: 4000 training scenes (real triplets, stage-1 triplets with generator shadows, pairs, Φ pairs)
@@ -13,7 +17,7 @@ Steps (each skipped when its result already exists in --work, so a killed run co
   7. `python -m training stage2`     BFS stage 2 from the stage-1 weights        (training/configs/toy_stage2.yaml)
 `--ship` copies the result into bfs_core/toy/weights (the transformer in fp16). `--ablations` also trains the
 variants of `bfs_core/toy/evaluate.py`'s ABLATIONS with the same budget, `--jobs` of them at a time (one process each).
-Each process uses `--threads` torch threads (default 1: small models gain little from more).
+Each process uses `--threads` torch threads (default 1).
 """
 
 from __future__ import annotations
@@ -144,6 +148,21 @@ def ship(work: Path, paths: dict[str, Path], bfs: Path, dest: Path = WEIGHTS_DIR
     logger.info("shipped the toy model to %s (%.1f MB)", dest, size / 1e6)
 
 
+def write_ablation_table(work: Path, variants: dict[str, Path], count: int) -> None:
+    """Score every variant on the held-out scenes (on this run's base) and write <work>/ablations.{md,json}."""
+    from bfs_core.toy.evaluate import evaluate_variants, format_table
+
+    rows = evaluate_variants(str(work / "model"), variants, count=count, steps=20, seed=0)
+    table = format_table(rows)
+    (work / "ablations.md").write_text(
+        f"`python scripts/train_toy.py --ablations --work {work}` (evaluation: {count} held-out scenes, seed 12345; "
+        f"20 Euler steps, guidance 30, sampling seed 0)\n\n{table}\n"
+    )
+    (work / "ablations.json").write_text(json.dumps(rows, indent=2))
+    print(table)
+    logger.info("ablation table: %s", work / "ablations.md")
+
+
 def run_in_parallel(args: argparse.Namespace, names: list[str]) -> None:
     """Train `names` in `args.jobs` child processes of this script (`--only NAME`), each logging to its own file."""
     pending, running = list(names), []
@@ -173,6 +192,7 @@ def main() -> None:
     parser.add_argument("--ship", action="store_true", help="copy the result into bfs_core/toy/weights")
     parser.add_argument("--ablations", action="store_true", help="also train every ablation variant")
     parser.add_argument("--only", nargs="*", default=None, help="train only these variants")
+    parser.add_argument("--eval-count", type=int, default=64, help="held-out scenes for the ablation table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -190,6 +210,8 @@ def main() -> None:
     results = {name: train_variant(work, paths, name, *ABLATIONS[name]) for name in names}
     if args.ship:
         ship(work, paths, results["full"])
+    if args.ablations:
+        write_ablation_table(work, results, args.eval_count)
     minutes = (time.time() - start) / 60
     logger.info("train_toy finished in %.1f min: %s", minutes, {k: str(v) for k, v in results.items()})
 

@@ -92,9 +92,10 @@ def toy_paths(root: str | Path | None = None) -> dict[str, Path]:
     }
 
 
-def check_toy_weights(root: str | Path | None = None) -> dict[str, Path]:
+def check_toy_weights(root: str | Path | None = None, need_bfs: bool = True) -> dict[str, Path]:
     paths = toy_paths(root)
-    missing = [str(p) for k, p in paths.items() if k != "root" and not p.exists()]
+    skip = {"root"} if need_bfs else {"root", "bfs"}
+    missing = [str(p) for k, p in paths.items() if k not in skip and not p.exists()]
     if missing:
         raise ValueError(
             f"The toy model in {paths['root']} is incomplete (missing {missing}). "
@@ -108,7 +109,7 @@ def load_toy(root: str | Path | None = None, bfs: str | Path | None = None, devi
     from ..models.rgba_vae import load_rgba_decoder
     from ..pipeline import load_pipeline
 
-    paths = check_toy_weights(root)
+    paths = check_toy_weights(root, need_bfs=bfs is None)
     pipe = load_pipeline(str(paths["flux_fill"]), str(bfs or paths["bfs"]), dtype=torch.float32, device=device)
     rgba = load_rgba_decoder(str(paths["rgba_vae"]), device=device, dtype=torch.float32)
     return pipe, rgba
