@@ -60,7 +60,8 @@ class LoadToyModel(io.ComfyNode):
             category=CATEGORY,
             description="The tiny BFS model shipped inside this pack (64×64 toy world: a sky, a ground, a sun; "
                         "coloured cubes, balls, cones and pillars with shadows). No download; runs on CPU in "
-                        "seconds. Use it with Toy Background and Toy Text Encode to try every BFS node.",
+                        "seconds. Use it with Toy Background and Toy Text Encode to try every BFS node. It was "
+                        "trained at 64×64: for other images set the sampler's short_side to 64.",
             inputs=[],
             outputs=[
                 BFS_MODEL.Output(display_name="bfs_model", tooltip="For BG2FG Sample / Extract Foreground."),
