@@ -155,6 +155,15 @@ def recomposite(rgba: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
 # boxes and masks
 
 
+def dilate_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Binary mask [..., H, W] grown by `pixels` (a square structuring element; nothing wraps around the edges)."""
+    if pixels <= 0:
+        return mask
+    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    grown = F.max_pool2d(flat, 2 * pixels + 1, stride=1, padding=pixels)
+    return grown.reshape(mask.shape).to(mask.dtype)
+
+
 def box_from_mask(mask: torch.Tensor | np.ndarray, threshold: float = 0.5) -> Box:
     """Tight box ``(x0, y0, x1, y1)`` around pixels with ``mask > threshold``; mask is [H, W] or [1, H, W]."""
     m = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask)
@@ -267,6 +276,7 @@ __all__ = [
     "combined_alpha_from_renders",
     "composite_stack",
     "crop_around_box",
+    "dilate_mask",
     "expand_box",
     "mask_from_box",
     "over",

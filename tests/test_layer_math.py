@@ -176,3 +176,17 @@ class TestBoxesAndCrops:
         up = lm.resize_rgba(rgba, (8, 8))
         visible = up[0, 3] > 0
         assert torch.allclose(up[0, 0][visible], torch.ones_like(up[0, 0][visible]), atol=1e-6)
+
+
+def test_dilate_mask_grows_squares_without_wrapping():
+    mask = torch.zeros(6, 7, dtype=torch.bool)
+    mask[2, 3] = True
+    mask[0, 6] = True  # a corner pixel: its growth must not wrap to the other side
+    grown = lm.dilate_mask(mask, 1)
+    expected = torch.zeros(6, 7, dtype=torch.bool)
+    expected[1:4, 2:5] = True
+    expected[0:2, 5:7] = True
+    assert grown.dtype == torch.bool and torch.equal(grown, expected)
+    batched = lm.dilate_mask(mask[None, None].float(), 1)  # [B, 1, H, W] float masks too
+    assert batched.shape == (1, 1, 6, 7) and torch.equal(batched[0, 0] > 0.5, expected)
+    assert lm.dilate_mask(mask, 0) is mask

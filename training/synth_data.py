@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bfs_core.layer_math import box_from_mask, mask_from_box, recomposite, rgba_from_shadowed_renders
+from bfs_core.layer_math import box_from_mask, dilate_mask, mask_from_box, recomposite, rgba_from_shadowed_renders
 
 from .data import read_manifest
 
@@ -83,14 +83,10 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a & b).sum().item() / union if union else 0.0
 
 
-def _dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
-    return F.max_pool2d(mask[None].float(), 2 * px + 1, stride=1, padding=px)[0]  # [1, H, W]
-
-
 def make_trimap(mask: torch.Tensor, px: int) -> torch.Tensor:
     """[1, H, W] binary mask -> trimap: 1 inside the eroded mask, 0 outside the dilated one, 0.5 in the band."""
     m = (mask >= 0.5).float()
-    dilated, eroded = _dilate(m, px), 1 - _dilate(1 - m, px)
+    dilated, eroded = dilate_mask(m, px), 1 - dilate_mask(1 - m, px)
     return torch.where(eroded > 0.5, 1.0, torch.where(dilated > 0.5, 0.5, 0.0))
 
 

@@ -51,7 +51,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..layer_math import resize_rgba
+from ..layer_math import dilate_mask, resize_rgba
 from ..pipeline import processing_size, resize_images, resize_mask
 from ..sampling.flow_match import (
     InterruptCheck,
@@ -718,13 +718,6 @@ def write_tiny_decomposition(out_dir: Path, base_dir: Path) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pipeline: images in, layers out
-
-
-def dilate_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Binary [B, 1, H, W] mask grown by `pixels` (square structuring element)."""
-    if pixels <= 0:
-        return mask
-    return F.max_pool2d(mask.float(), 2 * pixels + 1, stride=1, padding=pixels).to(mask.dtype)
 
 
 @dataclass

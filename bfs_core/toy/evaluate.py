@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..layer_math import dilate_mask
 from .world import COLOURS, SHAPES, Scene, make_scene, shape_mask
 
 
@@ -118,19 +119,6 @@ def classify_shape(obj: np.ndarray) -> str | None:
     return best
 
 
-def _grow(mask: np.ndarray, pixels: int) -> np.ndarray:
-    """`mask` dilated by `pixels` (a square neighbourhood)."""
-    out = mask.copy()
-    for _ in range(pixels):
-        grown = out.copy()
-        grown[1:] |= out[:-1]
-        grown[:-1] |= out[1:]
-        grown[:, 1:] |= grown[:, :-1].copy()
-        grown[:, :-1] |= grown[:, 1:].copy()
-        out = grown
-    return out
-
-
 def _box_region(box: list[int], shape: tuple[int, int], margin: int) -> np.ndarray:
     region = np.zeros(shape, dtype=bool)
     x0, y0, x1, y1 = box
@@ -164,7 +152,7 @@ def scene_metrics(scene: Scene, fg: np.ndarray, comp: np.ndarray, extracted: np.
     alpha = fg[..., 3]
     obj = (alpha > OBJECT_ALPHA) & _box_region(scene.box, alpha.shape, 2)
     true_obj = scene.object_alpha > 0.5
-    footprint = _grow(scene.foreground[..., 3] > 0.01, 3)
+    footprint = dilate_mask(torch.from_numpy(scene.foreground[..., 3] > 0.01), 3).numpy()
     colour = classify_colour(fg[obj][:, :3].mean(0)) if obj.any() else None
     direction = shadow_direction(alpha, obj, footprint)
     if direction is None:
