@@ -18,10 +18,32 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import (single-threaded then): `os.umask` can only be read by setting it, which would race with other
+# threads of a server creating files.
+_UMASK = _current_umask()
+
+
+def _final_mode(path: Path) -> int:
+    """The mode a plain `open(path, "w")` would leave: an existing file's own, else 0o666 less the umask.
+
+    `mkstemp` creates its file 0o600; renamed as is, every saved PSD/PNG would be private to its owner.
+    """
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    return 0o666 & ~_UMASK
 
 
 def _tmp_name(path: Path) -> Path:
@@ -58,6 +80,7 @@ def atomic_path(path: str | os.PathLike, *, suffix_like_target: bool = True) -> 
     try:
         yield tmp
         _fsync_file(tmp)
+        os.chmod(tmp, _final_mode(path))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
