@@ -154,12 +154,12 @@ def test_folded_post_and_zero_skipping_match_the_unfolded_model():
     reference = run(model, inputs)
     counts = prepare_for_inference(transformer)
     assert counts == {"active": 3, "skipped": 1}
-    assert transformer.transformer_blocks[0].joint._folded is not None
+    assert transformer.transformer_blocks[0].joint.folded
     folded = run(model, inputs)
     for f, r in zip(folded, reference):
         assert (f - r).abs().max() < 1e-5
     reset_inference_state(transformer)
-    assert all(m.active and m._folded is None for m in transformer.modules() if isinstance(m, JointAttention))
+    assert all(m.active and not m.folded for m in transformer.modules() if isinstance(m, JointAttention))
 
 
 def test_joint_module_pairs_sample_k_with_sample_k():
@@ -286,3 +286,37 @@ def test_fp8_weight_storage_stays_close_to_bf16():
     for ref, out in zip(reference, run(model, inputs)):
         relative = ((out - ref).float().norm() / ref.float().norm()).item()
         assert 0 < relative < 0.05
+
+
+def test_paper_mlp_post_g_matches_a_hand_computation():
+    """g([Z_{F->C}, Z_{C->F}]) = W2·gelu(W1·[z_to_comp | z_to_fg] + b1) + b2, split: first half to comp, rest to fg."""
+    import math
+
+    from bfs_core.models.dual_flux import JointPostMLP
+
+    g = JointPostMLP(dim=2, hidden=2, like=torch.zeros(1))
+    w1 = [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, -1.0]]  # row 0 reads only z_to_comp[0]; row 1 only z_to_fg
+    b1 = [0.5, -0.25]
+    w2 = [[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, -3.0]]
+    b2 = [0.0, 0.1, 0.2, 0.3]
+    with torch.no_grad():
+        g.fc1.weight.copy_(torch.tensor(w1))
+        g.fc1.bias.copy_(torch.tensor(b1))
+        g.fc2.weight.copy_(torch.tensor(w2))
+        g.fc2.bias.copy_(torch.tensor(b2))
+    to_comp, to_fg = [0.3, -0.7], [1.1, 0.4]  # the messages arriving at the comp row (Z_{F->C}) and the fg row
+    messages = torch.tensor([[to_comp], [to_fg]])  # [2N = 2, S = 1, D = 2]: comp rows, then fg rows
+
+    def gelu(x):  # tanh approximation, written out
+        return 0.5 * x * (1 + math.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+    x = to_comp + to_fg  # the channel concat [Z_{F->C} | Z_{C->F}]
+    hidden = [gelu(sum(w * v for w, v in zip(row, x)) + b) for row, b in zip(w1, b1)]
+    out = [sum(w * h for w, h in zip(row, hidden)) + b for row, b in zip(w2, b2)]
+    with torch.no_grad():
+        got = g(messages)
+    assert got.shape == (2, 1, 2)
+    assert got[0, 0].tolist() == pytest.approx(out[:2], abs=1e-6)  # delta for the composite branch
+    assert got[1, 0].tolist() == pytest.approx(out[2:], abs=1e-6)  # delta for the foreground branch
+    # The two halves differ, so swapping either the concat or the split order cannot pass.
+    assert abs(out[0] - out[2]) > 0.1 and abs(out[1] - out[3]) > 0.1
