@@ -1,4 +1,4 @@
-"""bfs_core.atomic: a writer failing half-way never leaves a partial file, never replaces a good one, leaves no temp."""
+"""bfs_core.atomic: a writer failing half-way leaves no partial file, never replaces a good one, leaves no temp."""
 
 import os
 import stat
