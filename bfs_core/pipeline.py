@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .finite import check_finite
 from .models.dual_flux import DualBranchFlux
 from .sampling.flow_match import (
     InterruptCheck,
@@ -71,6 +72,7 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def _check_images(name: str, images: torch.Tensor, channels: int) -> None:
     if images.ndim != 4 or images.shape[1] != channels:
         raise ValueError(f"`{name}` must be a [B, {channels}, H, W] tensor but got shape {list(images.shape)}.")
+    check_finite(name, images)
     if images.numel() and (images.min() < 0 or images.max() > 1):
         raise ValueError(f"`{name}` values must be in [0, 1] but range over [{images.min():.3f}, {images.max():.3f}].")
 
@@ -157,6 +159,8 @@ class BFSPipeline:
             )
         if prompt_embeds.shape[0] not in (1, n) or pooled.shape[0] != prompt_embeds.shape[0]:
             raise ValueError(f"Text conditioning batch {prompt_embeds.shape[0]} must be 1 or match the {n} images.")
+        check_finite("prompt_embeds", prompt_embeds, "the text conditioning's tokens")
+        check_finite("pooled", pooled, "the text conditioning's pooled vector")
         self.model.check_conditioning(prompt_embeds, pooled)
         size = processing_size(width, height, short_side)
         mask = (resize_mask(mask, size) >= 0.5).to(torch.float32).expand(n, -1, -1, -1)

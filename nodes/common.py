@@ -10,6 +10,7 @@ import comfy.model_patcher
 import comfy.utils
 import torch
 
+from ..bfs_core.finite import check_finite
 from ..bfs_core.layer_math import box_from_mask, mask_from_box
 
 
@@ -24,6 +25,7 @@ def image_to_core(image: torch.Tensor, name: str, channels: tuple[int, ...] = (3
     if image.ndim != 4 or image.shape[-1] not in channels:
         raise ValueError(f"`{name}` must be an IMAGE with {' or '.join(map(str, channels))} channels "
                          f"([batch, height, width, channels]) but got shape {list(image.shape)}.")  # fmt: skip
+    check_finite(name, image)  # before the clamp, which would keep NaN and hide ±inf
     return image.movedim(-1, 1).float().clamp(0, 1)
 
 
@@ -37,6 +39,7 @@ def mask_to_core(mask: torch.Tensor, name: str, size: tuple[int, int]) -> torch.
     if mask.ndim != 3 or (mask.shape[2], mask.shape[1]) != tuple(size):
         raise ValueError(f"`{name}` must be a MASK of the image's size {size[0]}×{size[1]} but got shape "
                          f"{list(mask.shape)}. Resize the mask (or draw it on this image).")  # fmt: skip
+    check_finite(name, mask)
     return mask[:, None].float()
 
 
@@ -65,6 +68,7 @@ def flux_latent(latent: dict, name: str) -> torch.Tensor:
         got = None if samples is None else list(samples.shape)
         raise ValueError(f"`{name}` must be a Flux LATENT with 16 channels ([batch, 16, height/8, width/8]) but got "
                          f"{got}. Connect the foreground latent of BG2FG Sample or Extract Foreground.")  # fmt: skip
+    check_finite(name, samples, "its samples")
     return samples
 
 
@@ -84,6 +88,8 @@ def flux_text(conditioning, name: str = "positive") -> tuple[torch.Tensor, torch
     if extra.get("attention_mask") is not None:
         raise ValueError(f"`{name}` carries an attention mask (StyleModelApply with strength_type 'attn_bias'); BFS "
                          f"does not support it: set strength_type to 'multiply'.")  # fmt: skip
+    check_finite(name, embeds, "its tokens")
+    check_finite(name, pooled, "its pooled output")
     return embeds, pooled
 
 

@@ -51,6 +51,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..finite import check_finite
 from ..layer_math import dilate_mask, resize_rgba
 from ..pipeline import processing_size, resize_images, resize_mask
 from ..sampling.flow_match import (
@@ -762,6 +763,7 @@ class DecompositionPipeline:
     def _check(name: str, x: torch.Tensor | None, n: int, size: tuple[int, int], channels: int) -> None:
         if x is None:
             return
+        check_finite(name, x)
         if x.ndim != 4 or x.shape[1] != channels or x.shape[0] not in (1, n) or tuple(x.shape[-2:]) != size[::-1]:
             raise ValueError(
                 f"`{name}` must be [{n} or 1, {channels}, {size[1]}, {size[0]}] (the image's size) but got "
@@ -801,6 +803,9 @@ class DecompositionPipeline:
         """
         if image.ndim != 4 or image.shape[1] != 3:
             raise ValueError(f"`image` must be [N, 3, H, W] but got {list(image.shape)}.")
+        check_finite("image", image)
+        check_finite("prompt_embeds", prompt_embeds, "the text conditioning's tokens")
+        check_finite("pooled", pooled, "the text conditioning's pooled vector")
         n, _, height, width = image.shape
         original = (width, height)
         for name, x, c in (

@@ -32,6 +32,7 @@ from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..finite import check_finite
 from .transparent_vae import (
     LatentTransparencyOffsetEncoder,
     TransparentVAE,
@@ -215,6 +216,7 @@ class ReleaseTransparencyVAE:
         """Normalised Flux latent [B,16,H/8,W/8] -> straight RGBA [B,4,H,W] in [0,1]; ``rgb`` is not used."""
         if latent.ndim != 4 or latent.shape[1] != 16:
             raise ValueError(f"`latent` must be [B, 16, H/8, W/8] but got {tuple(latent.shape)}.")
+        check_finite("latent", latent, "the foreground latent to decode")
         if options:
             logger.debug("bfs-release decoder ignores options %s", sorted(options))
         z = latent.float() / self.scaling_factor + self.shift_factor

@@ -27,6 +27,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
 from safetensors.torch import load_file, save_file
 
+from ..finite import check_finite
+
 
 logger = logging.getLogger(__name__)
 
@@ -549,6 +551,8 @@ class TransparentVAE(torch.nn.Module):
         flux_vae: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         """Normalised Flux latent [B,16,H/8,W/8] (+ RGB [B,3,H,W] in [0,1]) -> straight RGBA [B,4,H,W] in [0,1]."""
+        check_finite("latent", latent, "the foreground latent to decode")
+        check_finite("rgb", rgb, "the Flux-VAE decode of the latent")
         raw = self.denormalize(latent.float())
         if rgb is None:
             flux_vae = flux_vae if flux_vae is not None else self.flux_vae

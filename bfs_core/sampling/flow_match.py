@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from ..finite import check_branch_finite, check_finite
+
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 InterruptCheck = Callable[[], bool | None]
@@ -159,9 +161,18 @@ def sample_dual(
         noise: explicit starting noise (comp, fg), else drawn from `generator` as `model.config.noise` says.
         callback: called as `callback(step_index, steps, fg_latents)` after every step.
         interrupt: called before every step; returning True (or raising) stops sampling.
+
+    Raises:
+        NonFiniteInputError: an input holds NaN/inf (named).
+        NonFiniteSamplingError: a branch became NaN/inf; the message names the step (1-based) and the branch.
     """
     if mode not in ("bg2fg", "extract_fg"):
         raise ValueError(f"`mode` must be 'bg2fg' or 'extract_fg' but got {mode!r}.")
+    for name, value in (("fill_cond", fill_cond), ("prompt_embeds", prompt_embeds), ("pooled", pooled),
+                        ("comp_clean", comp_clean)):  # fmt: skip
+        check_finite(name, value)
+    for name, value in zip(("noise (comp)", "noise (fg)"), noise or ()):
+        check_finite(name, value)
     n, length, _ = fill_cond.shape
     shape = (n, length, model.latent_channels)
     if mode == "extract_fg":
@@ -188,11 +199,13 @@ def sample_dual(
             v_comp, v_fg = model(comp, fg, fill_cond, prompt_embeds, pooled, sigma, sigma, img_ids, guidance)
             both = scheduler.step(torch.cat([v_comp, v_fg]), t, torch.cat([comp, fg]), return_dict=False)[0]
             comp, fg = both[:n], both[n:]
+            check_branch_finite("comp", comp, i + 1, total)
         else:
             _, v_fg = model(
                 comp, fg, fill_cond, prompt_embeds, pooled, torch.zeros_like(sigma), sigma, img_ids, guidance
             )
             fg = scheduler.step(v_fg, t, fg, return_dict=False)[0]
+        check_branch_finite("fg", fg, i + 1, total)
         if callback is not None:
             callback(i, total, fg)
     return DualSample(comp=comp, fg=fg)
