@@ -52,6 +52,25 @@ def test_imperfect_mask_spoils_but_keeps_the_object():
     assert (inter >= 0.2 * m.flatten(1).sum(1)).all()  # erosion 4 px + shift 4 px of a 16 px square
 
 
+def test_imperfect_mask_shift_never_wraps_to_the_opposite_edge():
+    m = torch.zeros(64, 1, 32, 32)
+    m[..., 10:20, 26:] = 1  # touches the right edge (and no other)
+    spoiled = imperfect_mask(m, torch.Generator().manual_seed(0), dilate_px=2, erode_px=1, jitter_px=4,
+                             probability=1.0)  # fmt: skip
+    assert spoiled[..., :20].sum() == 0  # with a wrap-around shift, right-edge pixels land in the left columns
+    assert spoiled[..., 20:].sum(dim=(1, 2, 3)).min() > 0  # the object is still there in every sample
+    assert not torch.equal(spoiled, m.expand_as(spoiled))  # and the masks did move
+
+
+def test_shift_without_wrap_moves_and_drops():
+    from training.decomposition_data import shift_without_wrap
+
+    m = torch.arange(12.0).reshape(1, 3, 4)
+    assert torch.equal(shift_without_wrap(m, 1, -1), torch.tensor([[[0, 0, 0, 0], [1, 2, 3, 0], [5, 6, 7, 0.0]]]))
+    assert torch.equal(shift_without_wrap(m, 0, 0), m)
+    assert shift_without_wrap(m, 3, 0).sum() == 0
+
+
 def _config(data, models, run_dir, **overrides):
     values = dict(
         output_dir=str(run_dir), data_dir=str(data), flux_fill=str(models["flux_fill"]),

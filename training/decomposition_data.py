@@ -107,10 +107,23 @@ def compose_sample(photo: Image.Image, layers: list[Image.Image], size: int, rng
     }
 
 
+def shift_without_wrap(m: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """`m` [..., H, W] moved down by `dy` and right by `dx` pixels (negative: up / left), zeros shifted in."""
+    height, width = m.shape[-2:]
+    out = torch.zeros_like(m)
+    if abs(dy) >= height or abs(dx) >= width:
+        return out
+    out[..., max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = m[
+        ..., max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
+    ]
+    return out
+
+
 def imperfect_mask(mask: torch.Tensor, generator: torch.Generator, dilate_px: int = 8, erode_px: int = 4,
                    jitter_px: int = 4, probability: float = 0.8) -> torch.Tensor:  # fmt: skip
     """Spoil binary masks [N, 1, H, W] as the paper trains with: per sample (with `probability`) a random dilation
-    (up to `dilate_px`) or erosion (up to `erode_px`), then a random shift of up to `jitter_px` pixels."""
+    (up to `dilate_px`) or erosion (up to `erode_px`), then a random shift of up to `jitter_px` pixels (what leaves
+    the image is dropped and the uncovered edge is empty: nothing wraps around to the opposite side)."""
     out = []
     for m in mask.float():
         draw = torch.rand(4, generator=generator)
@@ -124,7 +137,7 @@ def imperfect_mask(mask: torch.Tensor, generator: torch.Generator, dilate_px: in
                 m = eroded if eroded.any() else m  # never erase a small object entirely
             if jitter_px > 0:
                 dy, dx = (int(v) for v in torch.randint(-jitter_px, jitter_px + 1, (2,), generator=generator))
-                m = torch.roll(m, shifts=(dy, dx), dims=(-2, -1))
+                m = shift_without_wrap(m, dy, dx)
         out.append(m)
     return torch.stack(out)
 
