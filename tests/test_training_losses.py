@@ -143,3 +143,115 @@ def test_stage2_alternation_and_data_position():
     assert [phase_of(s) for s in range(1, 5)] == ["real", "reg", "real", "reg"]
     assert phase_batches_done(0) == {"real": 0, "reg": 0}
     assert phase_batches_done(3) == {"real": 2, "reg": 1}
+
+
+class LeafStubModel(StubModel):
+    """StubModel whose velocities are leaf tensors (requires_grad), so the test can read ∂loss/∂v̂ directly."""
+
+    def __call__(self, *args):
+        v_comp, v_fg = super().__call__(*args)
+        self.v = (v_comp.detach().requires_grad_(), v_fg.detach().requires_grad_())
+        return self.v
+
+
+def _hand_stage1_loss(phi, b, sigma, noise_c, noise_f, v_c, v_f):
+    """Eq. 5–7 written out: flow on both branches + 0.1·|Φ(ẑ_F, z_B) − ẑ_C| with ẑ = x_σ − σ·v̂."""
+    from bfs_core.sampling.flow_match import unpack_latents
+
+    s = sigma.view(-1, 1, 1)
+    x_c, x_f = (1 - s) * b.comp + s * noise_c, (1 - s) * b.fg + s * noise_f
+    flow = ((v_c - (noise_c - b.comp)) ** 2).mean() + ((v_f - (noise_f - b.fg)) ** 2).mean()
+    comp_hat, fg_hat = unpack_latents(x_c - s * v_c, 4, 4), unpack_latents(x_f - s * v_f, 4, 4)
+    return flow, (_phi_by_hand(phi, fg_hat, b.z_bg) - comp_hat).abs().mean()
+
+
+def test_l_comp_backpropagates_into_both_predicted_velocities():
+    """∂loss/∂v̂ includes 0.1·∂L_comp/∂v̂ through ẑ_F = x_σ − σ·v̂_F (and ẑ_C): ẑ must not be detached."""
+    b, phi, model = _batch(), _phi(), LeafStubModel()
+    torch.manual_seed(5)
+    loss, _ = stage1_loss(model, phi, b, Stage1Config(), "cpu", "shared")
+    loss.backward()
+    sigma, noise_c, noise_f = _hand_sigma_and_noise(b, 5, shared=True)
+    v = [v.detach().clone().requires_grad_() for v in model.v]
+    flow, l_comp = _hand_stage1_loss(phi, b, sigma, noise_c, noise_f, *v)
+    flow_grads = torch.autograd.grad(flow, v)  # all a detached ẑ would leave
+    comp_grads = torch.autograd.grad(l_comp, v)
+    for got, flow_grad, comp_grad in zip((v.grad for v in model.v), flow_grads, comp_grads):
+        assert comp_grad.abs().max() > 1e-4  # L_comp depends on this branch's velocity (σ > 0 in this draw)
+        assert torch.allclose(got - flow_grad, 0.1 * comp_grad, rtol=1e-3, atol=1e-9)
+
+
+def test_stage2_reg_l_comp_backpropagates_into_the_foreground_velocity():
+    from bfs_core.sampling.flow_match import unpack_latents
+
+    b, phi, model = _batch(), _phi(), LeafStubModel()
+    torch.manual_seed(4)
+    loss, _ = reg_loss(model, phi, b, Stage2Config(), "cpu", "shared")
+    loss.backward()
+    sigma, _, noise_f = _hand_sigma_and_noise(b, 4, shared=True)
+    s = sigma.view(-1, 1, 1)
+    v_f = model.v[1].detach().clone().requires_grad_()
+    x_f = (1 - s) * b.fg + s * noise_f
+    l_reg = ((v_f - (noise_f - b.fg)) ** 2).mean()
+    l_comp = (_phi_by_hand(phi, unpack_latents(x_f - s * v_f, 4, 4), b.z_bg) - unpack_latents(b.comp, 4, 4)).abs()
+    comp_grad = torch.autograd.grad(l_comp.mean(), v_f)[0]
+    assert comp_grad.abs().max() > 1e-4
+    got = model.v[1].grad - torch.autograd.grad(l_reg, v_f)[0]
+    assert torch.allclose(got, 0.1 * comp_grad, rtol=1e-3, atol=1e-9)
+
+
+class RecordingEncoder:
+    """LatentEncoder stand-in: records every image it is asked to encode; latents are 8×8 average pools."""
+
+    def __init__(self):
+        self.rgb_inputs, self.rgba_inputs = [], []
+
+    @staticmethod
+    def _latent(images):  # [N, C, H, W] -> [N, 16, H/8, W/8]: a fixed function of the pixels
+        pooled = torch.nn.functional.avg_pool2d(images, 8)
+        return pooled.repeat(1, 16 // images.shape[1] + 1, 1, 1)[:, :16]
+
+    def rgb(self, images):
+        self.rgb_inputs.append(images.clone())
+        return self._latent(images)
+
+    def rgba_latent(self, rgba):
+        self.rgba_inputs.append(rgba.clone())
+        return self._latent(rgba)
+
+
+class FixedTexts:
+    def get(self, captions, max_len, device, dtype):
+        return torch.zeros(len(captions), 3, 32), torch.zeros(len(captions), 32)
+
+
+def _pair_batch():
+    """Two real pairs (no foreground layer): composites with distinct colours, boxes at different places."""
+    gen = torch.Generator().manual_seed(2)
+    composite = torch.rand(2, 3, 16, 16, generator=gen) * 0.5 + 0.25
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[0, :, 2:9, 4:14] = 1
+    mask[1, :, 8:16, 0:5] = 1
+    background = torch.rand(2, 3, 16, 16, generator=gen)
+    foreground = torch.rand(2, 4, 16, 16, generator=gen)
+    return {"composite": composite, "mask": mask, "background": background, "foreground": foreground,
+            "caption": ["a", "b"], "name": ["p0", "p1"]}  # fmt: skip
+
+
+def test_stage2_surrogate_is_the_composite_inside_the_mask_with_alpha_m():
+    """Eq. 8's F̃ = C·M: RGB = the composite where M = 1 and 0 elsewhere, alpha = M (not the whole composite)."""
+    from training.bfs_model import encode_batch
+
+    raw, encoder = _pair_batch(), RecordingEncoder()
+    b = encode_batch(raw, encoder, FixedTexts(), Stage2Config(), "cpu", torch.float32, surrogate=True)
+    expected = torch.zeros(2, 4, 16, 16)  # built by hand from the two boxes
+    expected[0, :3, 2:9, 4:14] = raw["composite"][0, :, 2:9, 4:14]
+    expected[0, 3, 2:9, 4:14] = 1
+    expected[1, :3, 8:16, 0:5] = raw["composite"][1, :, 8:16, 0:5]
+    expected[1, 3, 8:16, 0:5] = 1
+    assert len(encoder.rgba_inputs) == 1 and torch.equal(encoder.rgba_inputs[0], expected)
+    assert torch.equal(b.fg, pack_latents(encoder._latent(expected)))  # that latent is the foreground branch's
+    # Without `surrogate` (stage 1 triplets) the dataset's own foreground layer is encoded.
+    encoder = RecordingEncoder()
+    encode_batch(raw, encoder, FixedTexts(), Stage2Config(), "cpu", torch.float32)
+    assert torch.equal(encoder.rgba_inputs[0], raw["foreground"])
