@@ -10,6 +10,7 @@ transparency); OpenRaster is written here from its specification (zip: ``mimetyp
 import io
 import logging
 import pathlib
+import unicodedata
 import zipfile
 from collections.abc import Sequence
 from xml.sax.saxutils import quoteattr
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic import atomic_path
 from .layer_math import composite_stack
 
 
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 ImageLike = Image.Image | np.ndarray | torch.Tensor
 SUPPORTED_SUFFIXES = (".psd", ".ora")
 ORA_THUMBNAIL_MAX = 256
+PSD_PASCAL_NAME_MAX = 31  # Photoshop's own limit for the legacy name (the spec pads it to 4 bytes)
 
 
 def to_rgba_image(image: ImageLike, name: str = "image") -> Image.Image:
@@ -76,15 +79,30 @@ def merged_preview(stack: Sequence[tuple[str, Image.Image]]) -> Image.Image:
     return to_rgba_image(merged.permute(1, 2, 0).numpy(), "merged")
 
 
+def pascal_name(name: str) -> str:
+    """The legacy Pascal layer name: ASCII (accents dropped, other characters `?`), at most 31 bytes.
+
+    The full name goes in the Unicode layer-name block ('luni'), which Photoshop, GIMP, Krita and psd-tools read
+    first; the Pascal name is only what a reader without 'luni' support shows. psd-tools would encode it as MacRoman
+    and fail on any other character (`'charmap' codec can't encode`), so it gets a name every encoding can hold.
+    """
+    decomposed = unicodedata.normalize("NFKD", name)
+    ascii_name = "".join(c if c.isascii() else "?" for c in decomposed if not unicodedata.combining(c))
+    return ascii_name[:PSD_PASCAL_NAME_MAX] or "Layer"
+
+
 def write_psd(path: pathlib.Path, stack: Sequence[tuple[str, Image.Image]]) -> pathlib.Path:
     from psd_tools import PSDImage
+    from psd_tools.constants import Tag
 
     width, height = stack[0][1].size
     # An RGBA document stores each layer's alpha as layer transparency (an RGB one would turn it into a mask).
     psd = PSDImage.new("RGBA", (width, height))
     for name, image in stack:  # create_pixel_layer adds on top: bottom first
-        psd.create_pixel_layer(image, name=name, top=0, left=0)
-    psd.save(str(path))  # psd-tools renders the merged image data section from the layers on save
+        layer = psd.create_pixel_layer(image, name=pascal_name(name), top=0, left=0)
+        layer.tagged_blocks.set_data(Tag.UNICODE_LAYER_NAME, name)  # 'luni': the full name, UTF-16BE
+    with atomic_path(path) as tmp:
+        psd.save(str(tmp))  # psd-tools renders the merged image data section from the layers on save
     return path
 
 
@@ -113,7 +131,7 @@ def write_ora(path: pathlib.Path, stack: Sequence[tuple[str, Image.Image]]) -> p
         + "\n".join(entries)
         + "\n  </stack>\n</image>\n"
     )
-    with zipfile.ZipFile(path, "w") as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as zf:
         # The spec requires `mimetype` first and uncompressed, so readers can sniff the type.
         zf.writestr(zipfile.ZipInfo("mimetype"), "image/openraster", compress_type=zipfile.ZIP_STORED)
         zf.writestr("stack.xml", stack_xml, compress_type=zipfile.ZIP_DEFLATED)

@@ -64,8 +64,26 @@ def _unpackbits(data: bytes, size: int) -> bytes:
     return bytes(out)
 
 
-def read_psd_layers(path: pathlib.Path) -> tuple[tuple[int, int], list[tuple[str, np.ndarray]]]:
-    """(width, height), [(name, RGBA uint8 [H, W, 4] on the canvas)] bottom to top."""
+def read_unicode_name(f: io.BytesIO, end: int) -> str | None:
+    """The 'luni' additional layer information (tagged block): a 4-byte count of UTF-16 code units, then UTF-16BE."""
+    while f.tell() + 12 <= end:
+        signature, key, length = struct.unpack(">4s4sI", f.read(12))
+        assert signature in (b"8BIM", b"8B64"), signature
+        data = f.read(length)
+        if key == b"luni":
+            units = struct.unpack(">I", data[:4])[0]
+            assert 4 + 2 * units <= length, (units, length)
+            return data[4 : 4 + 2 * units].decode("utf-16-be")  # strict: a lone surrogate would fail here
+    return None
+
+
+def read_psd_layers(
+    path: pathlib.Path, *, pascal_names: bool = False
+) -> tuple[tuple[int, int], list[tuple[str, np.ndarray]]]:
+    """(width, height), [(name, RGBA uint8 [H, W, 4] on the canvas)] bottom to top.
+
+    The name is the Unicode one ('luni') where the layer has it, else (or with `pascal_names`) the legacy Pascal one.
+    """
     f = io.BytesIO(path.read_bytes())
     sig, version, _, n_channels, height, width, depth, mode = struct.unpack(">4sH6sHIIHH", f.read(26))
     assert sig == b"8BPS" and version == 1 and depth == 8 and mode == 3
@@ -82,7 +100,12 @@ def read_psd_layers(path: pathlib.Path) -> tuple[tuple[int, int], list[tuple[str
         extra_end = struct.unpack(">I", f.read(4))[0] + f.tell()
         f.seek(struct.unpack(">I", f.read(4))[0], 1)  # mask data
         f.seek(struct.unpack(">I", f.read(4))[0], 1)  # blending ranges
-        name = f.read(f.read(1)[0]).decode("latin-1")
+        length = f.read(1)[0]
+        pascal = f.read(length)
+        # The Pascal name is padded with zeros to a multiple of 4 bytes, its length byte included.
+        assert f.read(-(1 + length) % 4).strip(b"\0") == b""
+        unicode_name = read_unicode_name(f, extra_end)
+        name = pascal.decode("latin-1") if pascal_names or unicode_name is None else unicode_name
         f.seek(extra_end)
         records.append((name, (top, left, bottom, right), channels))
     layers = []
@@ -193,6 +216,114 @@ class TestORA:
         subprocess.run(cmd, check=True, capture_output=True, timeout=240)
         got = np.asarray(Image.open(out).convert("RGBA")).astype(int)
         assert np.abs(got - expected_merged(scene).astype(int)).max() <= 1
+
+
+UNICODE_NAMES = ["猫", "Ελληνικά", "🐈‍⬛ black cat 🐾", "Café crème", "a long ASCII name, longer than 31 bytes"]
+
+
+def unicode_scene(scene) -> list[tuple[str, np.ndarray]]:
+    return [(name, scene[1][i % 2][1]) for i, name in enumerate(UNICODE_NAMES)]
+
+
+class TestUnicodeNames:
+    def test_psd_round_trip_through_independent_parser_and_psd_tools(self, scene, tmp_path):
+        from psd_tools import PSDImage
+
+        path = write_layered_file(tmp_path / "scene.psd", scene[0], unicode_scene(scene))
+        _, layers = read_psd_layers(path)
+        assert [n for n, _ in layers] == ["Background", *UNICODE_NAMES]
+        assert [layer.name for layer in PSDImage.open(path)] == ["Background", *UNICODE_NAMES]
+        for (_, got), (_, want) in zip(layers[1:], unicode_scene(scene)):
+            assert np.array_equal(got, want)  # the pixels did not move with the longer tagged blocks
+
+    def test_psd_pascal_fallback_is_ascii_and_at_most_31_bytes(self, scene, tmp_path):
+        path = write_layered_file(tmp_path / "scene.psd", scene[0], unicode_scene(scene))
+        _, layers = read_psd_layers(path, pascal_names=True)
+        assert [n for n, _ in layers] == [
+            "Background",
+            "?",
+            "????????",
+            "??? black cat ?",
+            "Cafe creme",
+            "a long ASCII name, longer than ",
+        ]
+
+    def test_emoji_are_surrogate_pairs_in_the_luni_block(self, scene, tmp_path):
+        path = write_layered_file(tmp_path / "scene.psd", scene[0], [("🐈", scene[1][0][1])])
+        data = path.read_bytes()
+        # 'luni', block length, 2 UTF-16 code units (one character outside the BMP), the pair D83D DC08.
+        assert b"luni" + struct.pack(">I", 8) + struct.pack(">I", 2) + b"\xd8\x3d\xdc\x08" in data
+
+    def test_ora_round_trip_through_own_reader_and_pyora(self, scene, tmp_path):
+        path = write_layered_file(tmp_path / "scene.ora", scene[0], unicode_scene(scene))
+        assert [n for n, _ in read_ora(path)] == ["Background", *UNICODE_NAMES]
+        pyora = pytest.importorskip("pyora", reason="pyora (PyPI) is the independent ORA reader")
+        assert [layer.name for layer in pyora.Project.load(str(path)).children] == [
+            *reversed(UNICODE_NAMES),
+            "Background",
+        ]
+
+    def test_cli_layer_named_by_a_chinese_file_name(self, scene, tmp_path):
+        from bfs_core.__main__ import main
+
+        Image.fromarray(scene[0]).save(tmp_path / "bg.png")
+        Image.fromarray(scene[1][0][1], "RGBA").save(tmp_path / "猫.png")
+        for suffix in (".psd", ".ora"):
+            out = tmp_path / f"scene{suffix}"
+            assert main(["save-layers", str(tmp_path / "bg.png"), str(tmp_path / "猫.png"), "--out", str(out)]) == 0
+            names = [n for n, _ in (read_ora(out) if suffix == ".ora" else read_psd_layers(out)[1])]
+            assert names == ["Background", "猫"]
+
+
+class TestFailingWriterKeepsTheOldFile:
+    """A writer failing half-way (disk full, Ctrl-C) leaves the good file the user had and no partial or temp file."""
+
+    def existing(self, scene, tmp_path, suffix):
+        path = write_layered_file(tmp_path / f"scene{suffix}", scene[0], scene[1])
+        return path, path.read_bytes()
+
+    def test_psd(self, scene, tmp_path, monkeypatch):
+        from psd_tools import PSDImage
+
+        path, good = self.existing(scene, tmp_path, ".psd")
+        real_save = PSDImage.save
+
+        def save_half(self, fp, *args, **kwargs):
+            real_save(self, fp, *args, **kwargs)
+            with open(fp, "r+b") as f:  # the real bytes are on disk, then the write "fails" half-way
+                f.truncate(len(good) // 2)
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(PSDImage, "save", save_half)
+        with pytest.raises(OSError, match="No space left"):
+            write_layered_file(path, scene[0], unicode_scene(scene))
+        assert path.read_bytes() == good
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.psd"]
+
+    def test_ora(self, scene, tmp_path, monkeypatch):
+        import bfs_core.layered_files as layered_files
+
+        path, good = self.existing(scene, tmp_path, ".ora")
+        real_png, calls = layered_files._png_bytes, []
+
+        def png_then_fail(image):
+            calls.append(image)
+            if len(calls) == 3:  # mimetype, stack.xml and two layers are in the zip by now
+                raise OSError(28, "No space left on device")
+            return real_png(image)
+
+        monkeypatch.setattr(layered_files, "_png_bytes", png_then_fail)
+        with pytest.raises(OSError, match="No space left"):
+            write_layered_file(path, scene[0], scene[1])
+        assert len(calls) == 3
+        assert path.read_bytes() == good
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.ora"]
+
+    def test_bad_layer_name_error_before_writing(self, scene, tmp_path):
+        path, good = self.existing(scene, tmp_path, ".psd")
+        with pytest.raises(ValueError, match="full canvas resolution"):
+            write_layered_file(path, scene[0], [("tiny", np.zeros((10, 10, 4), np.uint8))])
+        assert path.read_bytes() == good
 
 
 class TestErrors:
