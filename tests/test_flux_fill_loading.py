@@ -117,6 +117,34 @@ class TestKeyMapping:
             bfl_to_diffusers(bfl, source="my_file.safetensors")
 
 
+    def test_bfl_to_diffusers_equals_diffusers_own_converter(self, reference):
+        """Checked against diffusers' `convert_flux_transformer_checkpoint_to_diffusers`, not only against itself.
+
+        diffusers hard-codes the real width (3072) in its split of `linear1`, so the BFL dict here has the real row
+        counts for every fused or swapped tensor and two columns; the other tensors are small. All values are
+        distinct, so any wrong split, order or swap changes some value.
+        """
+        from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+        hidden = 3072
+        rows = {"img_in.weight": hidden, "img_in.bias": hidden, "final_layer.adaLN_modulation.1.weight": 2 * hidden,
+                "final_layer.adaLN_modulation.1.bias": 2 * hidden}  # fmt: skip
+        gen = torch.Generator().manual_seed(0)
+        bfl = {}
+        for key, tensor in diffusers_to_bfl(reference.state_dict()).items():
+            n = rows.get(key, 3 * hidden if ".qkv." in key else 7 * hidden if ".linear1." in key else 5)
+            bfl[key] = torch.randn(n, 2, generator=gen) if tensor.ndim == 2 else torch.randn(n, generator=gen)
+        theirs_input = dict(bfl)
+        theirs = convert_flux_transformer_checkpoint_to_diffusers(theirs_input)  # pops what it converts
+        ours = bfl_to_diffusers(bfl)
+        assert theirs_input == {}  # diffusers consumed every key we name in the BFL layout
+        assert set(theirs) == set(reference.state_dict())  # ... and produced every parameter of the model
+        assert set(ours) == set(theirs)
+        assert [k for k in theirs if not torch.equal(ours[k], theirs[k])] == []
+        back = diffusers_to_bfl(theirs)
+        assert set(back) == set(bfl) and all(torch.equal(back[k], bfl[k]) for k in bfl)
+
+
 class TestSingleFileLoading:
     def test_bf16_state_dict_is_exact(self, tiny, reference):
         model = load_flux_fill_transformer(tiny["bfl_bf16"])
