@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..atomic import atomic_write_text
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="a toy model folder (default: the committed bfs_core/toy/weights)")
@@ -39,7 +41,7 @@ def run(args) -> int:
         stem.parent.mkdir(parents=True, exist_ok=True)
         used = {k: v for k, v in vars(args).items() if k in ("count", "steps", "seed", "ablations") and v is not None}
         command = "python -m bfs_core evaluate-toy " + " ".join(f"--{k} {v}" for k, v in used.items())
-        stem.with_suffix(".md").write_text(f"`{command}`\n\n{table}\n")
-        stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+        atomic_write_text(stem.with_suffix(".md"), f"`{command}`\n\n{table}\n")
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(rows, indent=2))
         print(f"written: {stem.with_suffix('.md')}, {stem.with_suffix('.json')}")
     return 0

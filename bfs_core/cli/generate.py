@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..atomic import atomic_path
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="FLUX.1-Fill-dev: diffusers folder or single .safetensors")
@@ -37,7 +39,8 @@ def _load_image(path: str, mode: str) -> torch.Tensor:
 
 def _save_image(tensor: torch.Tensor, path: Path) -> Path:
     array = (tensor[0].permute(1, 2, 0).float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(tmp)
     return path
 
 

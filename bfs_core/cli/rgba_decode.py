@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..atomic import atomic_path
+
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, array in enumerate(images):
         out = args.out if len(images) == 1 else args.out.with_name(f"{args.out.stem}_{i:02d}{args.out.suffix}")
-        Image.fromarray(array, "RGBA").save(out)
+        with atomic_path(out) as tmp:
+            Image.fromarray(array, "RGBA").save(tmp)
         print(out)
     return 0
