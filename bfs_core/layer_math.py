@@ -92,7 +92,8 @@ def composite_stack(layers: Sequence[torch.Tensor]) -> torch.Tensor:
         if layer.shape[-2:] != shape:
             raise ValueError(
                 f"layer {i} has size {tuple(layer.shape[-2:])} but layer 0 has {tuple(shape)}; all layers must be "
-                "at full canvas resolution (use `uncrop_layer` for crops)."
+                "the canvas size: resize the layer, or paste a crop onto a transparent canvas of that size "
+                "(`bfs_core.layer_math.uncrop_layer`)."
             )
         premult = premultiply(_as_rgba(layer, f"layers[{i}]"))
         acc = premult if acc is None else over_premultiplied(premult, acc)

@@ -62,8 +62,9 @@ def _prepare(background: ImageLike, layers: Sequence[tuple[str, ImageLike]]) -> 
         rgba = to_rgba_image(image, f"layers[{i}] ({name!r})")
         if rgba.size != size:
             raise ValueError(
-                f"layer {name!r} is {rgba.size[0]}x{rgba.size[1]} but the background is {size[0]}x{size[1]}; "
-                "every layer must be at full canvas resolution (paste crops back with `uncrop_layer`)."
+                f"layer {name!r} is {rgba.size[0]}x{rgba.size[1]} but the background is {size[0]}x{size[1]}; every "
+                f"layer must be the background's size: resize it to {size[0]}x{size[1]} (ComfyUI: Upscale Image to "
+                "that width and height), or paste a crop onto a transparent canvas of that size where it belongs."
             )
         stack.append((name, rgba))
     names = [n for n, _ in stack]

@@ -68,7 +68,7 @@ class TestBlendingAndOver:
         assert torch.allclose(flat[:3], lm.alpha_blend(a[:3], a[3:], bg))
 
     def test_stack_rejects_mismatched_sizes(self):
-        with pytest.raises(ValueError, match="full canvas resolution"):
+        with pytest.raises(ValueError, match="must be the canvas size"):
             lm.composite_stack([torch.zeros(4, 8, 8), torch.zeros(4, 8, 9)])
 
 
