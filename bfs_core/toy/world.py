@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..atomic import atomic_path, atomic_write_text
+
 
 SIZE = 64
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -34,6 +36,12 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 SHAPES = ("cube", "ball", "cone", "pillar")
 SHADOW_OPACITY = 0.6
 SUPERSAMPLE = 4
+# What the toy model was trained on (make_background / make_scene draw from exactly these ranges, inclusive):
+HORIZON_RANGE = (22, 29)  # the sky/ground line, in pixels from the top
+BOX_SIDE_RANGE = (12, 20)  # width and height of a box (cube, ball, cone)
+PILLAR_WIDTH_RANGE, PILLAR_HEIGHT_RANGE = (8, 10), (18, 26)  # pillars: half as wide, 6 px taller (at most 26)
+FOOT_ABOVE_HORIZON = 10  # a box's bottom edge (the object's foot) is at least this far below the horizon ...
+FOOT_MARGIN = 4  # ... and at least this far above the bottom edge of the image
 
 
 @dataclass
@@ -132,7 +140,7 @@ def cast_shadow(obj_box: list[float], shape: str, dx: int, length: float, softne
 
 def make_background(rng: np.random.Generator, size: int = SIZE) -> tuple[np.ndarray, dict]:
     """Sky (vertical gradient) over ground (gradient + a little texture), a sun on the left or right."""
-    horizon = int(rng.integers(22, 30))
+    horizon = int(rng.integers(HORIZON_RANGE[0], HORIZON_RANGE[1] + 1))
     dusk = rng.random() < 0.3
     top = np.array([0.95, 0.55, 0.35] if dusk else [0.35, 0.55, 0.95]) * rng.uniform(0.85, 1.0)
     bottom = np.array([0.98, 0.80, 0.60] if dusk else [0.70, 0.85, 1.00])
@@ -193,11 +201,11 @@ def make_scene(
     colour = colour or list(COLOURS)[int(rng.integers(len(COLOURS)))]
     shape = shape or SHAPES[int(rng.integers(len(SHAPES)))]
     if box is None:
-        w = int(rng.integers(12, 21))
-        h = int(rng.integers(12, 21))
+        w = int(rng.integers(BOX_SIDE_RANGE[0], BOX_SIDE_RANGE[1] + 1))
+        h = int(rng.integers(BOX_SIDE_RANGE[0], BOX_SIDE_RANGE[1] + 1))
         if shape == "pillar":
-            w, h = max(8, w // 2), min(26, h + 6)
-        foot = int(rng.integers(light["horizon"] + 10, size - 4))
+            w, h = max(PILLAR_WIDTH_RANGE[0], w // 2), min(PILLAR_HEIGHT_RANGE[1], h + 6)
+        foot = int(rng.integers(light["horizon"] + FOOT_ABOVE_HORIZON, size - FOOT_MARGIN))
         x0 = int(rng.integers(12, size - 12 - w))
         box = [x0, foot - h, x0 + w, foot]
     box = [int(v) for v in box]
@@ -220,7 +228,8 @@ def make_scene(
 def _save(array: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
-    Image.fromarray(data).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(data).save(tmp)
 
 
 def write_datasets(out_dir: str | Path, count: int, seed: int = 0) -> dict[str, Path]:
@@ -253,7 +262,7 @@ def write_datasets(out_dir: str | Path, count: int, seed: int = 0) -> dict[str, 
                             "background": f"../real/background/{name}.png"})  # fmt: skip
     for kind, lines in rows.items():
         (out / kind).mkdir(parents=True, exist_ok=True)
-        (out / kind / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        atomic_write_text(out / kind / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in lines))
     return {kind: out / kind for kind in rows}
 
 
