@@ -273,6 +273,9 @@ class JointPostMLP(nn.Module):
         return torch.cat([delta_comp, delta_fg], dim=0)
 
 
+_FOLDED_BUFFERS = ("folded_weight", "folded_bias", "folded_lora_B_comp", "folded_lora_B_fg")
+
+
 class JointAttention(nn.Module):
     """Cross-branch attention of one block: each branch's queries attend to the other branch's keys/values.
 
@@ -314,8 +317,11 @@ class JointAttention(nn.Module):
         # differ from the block's own (release `attn1n.*.base_layer`). Normally it is None and the block's own
         # weights are used, which is what lets the block share its projections with this module.
         self.base: nn.ModuleDict | None = None
-        # Inference-only cache: the linear post folded into `to_out` (double blocks), see `fold_post`.
-        self._folded: dict[str, Any] | None = None
+        # Inference-only cache: the linear post folded into `to_out` (double blocks), see `fold_post`. Buffers, not a
+        # dict of tensors, so that every move of the model (ComfyUI's ModelPatcher, `.to(device/dtype)`) moves them
+        # too; not persistent, so they are never saved and the weight formats are unchanged.
+        for name in _FOLDED_BUFFERS:
+            self.register_buffer(name, None, persistent=False)
         # False when the post projection is exactly zero: the module then adds exactly nothing and is skipped.
         self.active = True
         # True: reuse the block's base Q/K/V projections (fast path). False: recompute them (reference path).
@@ -359,23 +365,28 @@ class JointAttention(nn.Module):
             return
         out = self._base_linear(attn, "to_out")
         w_post = self.post.weight.float()
-        self._folded = {
-            "weight": (w_post @ out.weight.float()).to(self.post.weight.dtype),
-            "bias": None if out.bias is None else (w_post @ out.bias.float()).to(self.post.weight.dtype),
-            "lora_B": {
-                b: (w_post @ self.to_out.lora_B[b].weight.float()).to(self.post.weight.dtype) for b in BRANCHES
-            },
-        }
+        dtype, device = self.post.weight.dtype, self.post.weight.device
+        with torch.no_grad():
+            self.folded_weight = (w_post @ out.weight.float().to(device)).to(dtype)
+            self.folded_bias = None if out.bias is None else (w_post @ out.bias.float().to(device)).to(dtype)
+            self.folded_lora_B_comp = (w_post @ self.to_out.lora_B["comp"].weight.float()).to(dtype)
+            self.folded_lora_B_fg = (w_post @ self.to_out.lora_B["fg"].weight.float()).to(dtype)
 
     def unfold_post(self) -> None:
-        self._folded = None
+        for name in _FOLDED_BUFFERS:
+            setattr(self, name, None)
+
+    @property
+    def folded(self) -> bool:
+        """True while the post projection is folded into `to_out` (see `fold_post`)."""
+        return self.folded_weight is not None
 
     def _project_out_and_post(self, attn: nn.Module, messages: torch.Tensor) -> torch.Tensor:
         if self.to_out is not None:
             down = self.to_out.lora_down(messages)
-            if self._folded is not None:
-                f = self._folded
-                return self.to_out.lora_add(_linear(messages, f["weight"], f["bias"]), down, f["lora_B"])
+            if self.folded:
+                lora_b = {"comp": self.folded_lora_B_comp, "fg": self.folded_lora_B_fg}
+                return self.to_out.lora_add(_linear(messages, self.folded_weight, self.folded_bias), down, lora_b)
             out = self._base_linear(attn, "to_out")
             messages = self.to_out.lora_add(_linear(messages, out.weight, out.bias), down)
         return self.post(messages)

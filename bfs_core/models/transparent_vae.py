@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ..atomic import atomic_path
 from ..finite import check_finite
 
 
@@ -278,35 +279,22 @@ def pad_rgb_by_alpha_pyramid(rgb: torch.Tensor, alpha: torch.Tensor, shrink: flo
 # checkpoint reading
 
 
-def read_state_dict(path: str | pathlib.Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_state_dict(
+    path: str | pathlib.Path, name: str = "rgba_vae"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a ``.safetensors`` or a ``.pt``/``.pth`` (``torch.load(weights_only=True)`` only) into a flat dict.
 
-    Returns (tensors, safetensors metadata or {}).
+    Returns (tensors, safetensors metadata or {}). ``name`` is the input as the user knows it, named in errors.
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(f"RGBA VAE file {str(path)!r} does not exist. Check the path.")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    from ..errors import UserInputError, check_file, load_torch_tensors, read_safetensors
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        return load_file(str(path)), metadata
+    path = check_file(path, name, "an RGBA VAE weights file")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, name)
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling errors come in several types
-            raise ValueError(
-                f"{str(path)!r} could not be loaded with torch.load(weights_only=True): {err}. Only plain tensor "
-                "dicts are accepted; convert the file with a trusted tool to .safetensors."
-            ) from err
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise ValueError(f"{str(path)!r} must hold a dict of tensors but holds {type(obj).__name__}.")
-        return dict(obj), {}
-    raise ValueError(
-        f"RGBA VAE file {str(path)!r} must end in .safetensors, .pt or .pth but has suffix {path.suffix!r}."
+        return load_torch_tensors(path, name), {}
+    raise UserInputError(
+        f"`{name}` file {str(path)!r} must end in .safetensors, .pt or .pth but has suffix {path.suffix!r}."
     )
 
 
@@ -596,20 +584,22 @@ class TransparentVAE(torch.nn.Module):
             padded = pad_rgb_by_alpha_pyramid(rgb, alpha)
             noise = self.encoder(torch.cat([padded, alpha], dim=1).to(self.dtype)).float() * OFFSET_SCALE
         else:
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+            # Drawn where the generator lives (a CUDA generator cannot fill a CPU tensor), then moved.
+            noise_device = generator.device if generator is not None else mean.device
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=noise_device)
         raw = mean + std * noise.to(mean.device)
         return (raw - self.flux_shift_factor) * self.flux_scaling_factor
 
 
 def convert_transparent_vae_to_safetensors(
-    src: str | pathlib.Path, dst: str | pathlib.Path, dtype: torch.dtype | None = None
+    src: str | pathlib.Path, dst: str | pathlib.Path, dtype: torch.dtype | None = None, name: str = "src"
 ) -> pathlib.Path:
     """Convert ``TransparentVAE.pth`` to safetensors holding only ``encoder.*``/``decoder.*`` (≈211 MB in bf16).
 
     The keys are validated by building the nets first, so a wrong file fails here and not at the first decode.
     """
-    state_dict, _ = read_state_dict(src)
-    vae = TransparentVAE.from_state_dict(state_dict, source=str(src))  # validates structure
+    state_dict, _ = read_state_dict(src, name)
+    vae = TransparentVAE.from_state_dict(state_dict, source=f"`{name}` file {str(src)!r}")  # validates structure
     del vae
     kept = {
         k: (v.to(dtype) if dtype is not None else v).contiguous()
@@ -618,6 +608,7 @@ def convert_transparent_vae_to_safetensors(
     }
     dst = pathlib.Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file(kept, str(dst), metadata={"format": FORMAT_NAME, "source": pathlib.Path(src).name})
+    with atomic_path(dst) as tmp:
+        save_file(kept, str(tmp), metadata={"format": FORMAT_NAME, "source": pathlib.Path(src).name})
     logger.info("Wrote %s (%d tensors)", dst, len(kept))
     return dst
