@@ -107,6 +107,45 @@ class TestInitialModelIsFluxFill:
         assert torch.equal(ours.background[outside], image[outside])  # paste-back keeps the input's pixels
 
 
+def test_pipeline_feeds_masked_contexts_to_the_right_sequences(codecs):
+    """What reaches the transformer: background rows get Flux-Fill's context (the image with the object blanked +
+    mask), foreground rows the image inside the mask only + mask. Expected tensors are built by hand, not with the
+    pipeline's own context code."""
+    from bfs_core.sampling.flow_match import fill_condition
+
+    codec, rgba = codecs
+    model = initial_decomposition_model(make_tiny_flux(), TINY).eval()
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 64, 64, generator=gen) * 0.6 + 0.3  # nowhere black: a zeroed pixel is recognisable
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 8:40, 8:24] = 1  # an L: a tall bar ...
+    mask[..., 32:40, 24:56] = 1  # ... and a foot
+    outside_only, inside_only = image.clone(), torch.zeros_like(image)
+    for ys, xs in ((slice(8, 40), slice(8, 24)), (slice(32, 40), slice(24, 56))):
+        outside_only[..., ys, xs] = 0
+        inside_only[..., ys, xs] = image[..., ys, xs]
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["hidden_states"].clone()), with_kwargs=True
+    )
+    try:
+        text = (torch.zeros(1, 6, 32), torch.zeros(1, 32))
+        DecompositionPipeline(model, codec, rgba, SCHEDULER).decompose(image, mask, *text, steps=1, short_side=0)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        want_bg = fill_condition(codec.encode_images(outside_only).float(), mask)
+        want_fg = fill_condition(codec.encode_images(inside_only).float(), mask)
+    hidden = seen[0]  # [2N, L, 64 + 320 + F]: background rows, then foreground rows
+    assert hidden.shape[0] == 2
+    torch.testing.assert_close(hidden[0, :, 64:384], want_bg[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden[1, :, 64:384], want_fg[0], atol=1e-5, rtol=0)
+    assert (want_bg - want_fg)[..., :64].abs().max() > 0.1  # the two contexts really differ
+    with torch.no_grad():
+        unmasked = fill_condition(codec.encode_images(image).float(), mask)
+    assert (unmasked - want_bg)[..., :64].abs().max() > 0.1 and (unmasked - want_fg)[..., :64].abs().max() > 0.1
+
+
 class TestSaveLoad:
     def test_round_trip_reproduces_outputs_and_metadata(self, tmp_path):
         model = initial_decomposition_model(make_tiny_flux(), TINY)
