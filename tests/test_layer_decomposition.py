@@ -371,3 +371,106 @@ def test_nodes_load_and_decompose_end_to_end(tmp_path, monkeypatch, codecs):
     finally:
         for name in [m for m in sys.modules if m.startswith("bfs_pack_under_test")]:
             sys.modules.pop(name, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Depth and segmentation estimators: loaded once, run on the images' (or a given) device
+
+
+@pytest.fixture(scope="module")
+def estimator_dirs(tmp_path_factory):
+    """Tiny random Depth-Anything and SegFormer folders in the layout `from_pretrained` reads (nothing downloaded)."""
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTImageProcessor,
+        SegformerConfig,
+        SegformerForSemanticSegmentation,
+        SegformerImageProcessor,
+    )
+
+    root = tmp_path_factory.mktemp("estimators")
+    torch.manual_seed(0)
+    backbone = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                            patch_size=14, image_size=28, out_features=["stage1", "stage2"],
+                            reshape_hidden_states=False)  # fmt: skip
+    depth = DepthAnythingForDepthEstimation(DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=16, patch_size=14, neck_hidden_sizes=[8, 16],
+        fusion_hidden_size=8, head_hidden_size=8, reassemble_factors=[1, 0.5]))  # fmt: skip
+    depth.save_pretrained(root / "depth")
+    DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False, do_pad=False).save_pretrained(
+        root / "depth"
+    )
+    seg = SegformerForSemanticSegmentation(SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
+        patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=5))  # fmt: skip
+    seg.save_pretrained(root / "seg")
+    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "seg")
+    return {"depth": root / "depth", "segmentation": root / "seg"}
+
+
+@pytest.fixture
+def fresh_estimators():
+    from bfs_core.models.layer_decomposition import clear_auxiliary_models
+
+    clear_auxiliary_models()
+    yield
+    clear_auxiliary_models()
+
+
+@pytest.mark.usefixtures("fresh_estimators")
+@pytest.mark.parametrize("kind", ["depth", "segmentation"])
+def test_estimators_load_once_and_match_a_direct_transformers_run(kind, estimator_dirs, monkeypatch):
+    import transformers
+
+    from bfs_core.models import layer_decomposition as ld
+
+    auto = {"depth": transformers.AutoModelForDepthEstimation,
+            "segmentation": transformers.AutoModelForSemanticSegmentation}[kind]  # fmt: skip
+    estimate = {"depth": ld.estimate_depth, "segmentation": ld.estimate_segmentation}[kind]
+    folder = estimator_dirs[kind]
+    loads, original = [], auto.from_pretrained
+
+    def counting(*args, **kwargs):
+        loads.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(auto, "from_pretrained", counting)
+    images = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    first = estimate(images, folder)
+    second = estimate(images, str(folder / ".." / folder.name))  # the same folder spelt differently
+    assert len(loads) == 1 and torch.equal(first, second)
+    assert first.shape == (2, 3, 40, 48) and first.device == images.device
+    # The reference: transformers called directly, post-processed as documented.
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    model = original(folder).eval()
+    with torch.no_grad():
+        out = model(**processor(images=list(images), return_tensors="pt", do_rescale=False))
+    if kind == "depth":
+        d = torch.nn.functional.interpolate(out.predicted_depth[:, None], size=(40, 48), mode="bilinear")
+        d = (d - d.amin(dim=(1, 2, 3), keepdim=True)) / (d.amax(dim=(1, 2, 3), keepdim=True)
+                                                         - d.amin(dim=(1, 2, 3), keepdim=True)).clamp_min(1e-6)
+        torch.testing.assert_close(first, d.expand(-1, 3, -1, -1), atol=1e-6, rtol=0)
+    else:
+        labels = torch.nn.functional.interpolate(out.logits, size=(40, 48), mode="bilinear").argmax(dim=1)
+        for label in labels.unique():  # one colour per label, the same wherever it occurs
+            colours = first.permute(0, 2, 3, 1)[labels == label].unique(dim=0)
+            assert colours.shape[0] == 1
+        assert labels.unique().numel() == first.permute(0, 2, 3, 1).reshape(-1, 3).unique(dim=0).shape[0] > 1
+    import shutil
+
+    other = shutil.copytree(folder, folder.parent / f"{kind}_copy", dirs_exist_ok=True)
+    assert torch.equal(estimate(images, other), first) and len(loads) == 2  # another folder is loaded on its own
+
+
+@pytest.mark.usefixtures("fresh_estimators")
+@pytest.mark.parametrize("kind", ["depth", "segmentation"])
+def test_estimators_run_on_the_requested_device(kind, estimator_dirs):
+    """`meta` stands in for CUDA: any tensor the estimator left on the CPU would raise."""
+    from bfs_core.models import layer_decomposition as ld
+
+    estimate = {"depth": ld.estimate_depth, "segmentation": ld.estimate_segmentation}[kind]
+    images = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(1))
+    out = estimate(images, estimator_dirs[kind], device="meta")
+    assert out.device.type == "meta" and out.shape == (1, 3, 40, 48)

@@ -232,38 +232,82 @@ def canny_edges(images: torch.Tensor, low: float = 0.1, high: float = 0.2, sigma
 _PALETTE_SEED = 1234
 
 
-def _label_colors(labels: torch.Tensor) -> torch.Tensor:
-    """[B, H, W] integer labels -> [B, 3, H, W] fixed pseudo-random colours (same label, same colour)."""
+def _label_colors(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """[B, H, W] integer labels -> [B, 3, H, W] fixed pseudo-random colours (same label, same colour).
+
+    The palette has one row per class the model knows (no data-dependent size, so nothing syncs with the device);
+    its rows do not depend on `num_labels` (one seeded stream)."""
     gen = torch.Generator().manual_seed(_PALETTE_SEED)
-    palette = torch.rand(int(labels.max()) + 1, 3, generator=gen)
-    return palette[labels.cpu()].permute(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W]
+    palette = torch.rand(num_labels, 3, generator=gen).to(labels.device)
+    return palette[labels].permute(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W]
+
+
+# Auxiliary estimators (depth, segmentation), loaded once per (kind, resolved folder): the decomposition trainer calls
+# them every batch, and reading a few hundred MB from disk each time dominated its step time.
+_AUXILIARY_MODELS: dict[tuple[str, str], tuple[object, nn.Module]] = {}
+
+
+def _auxiliary_model(kind: str, model_dir: str | os.PathLike) -> tuple[object, nn.Module]:
+    folder = Path(model_dir).expanduser().resolve()
+    key = (kind, str(folder))
+    if key not in _AUXILIARY_MODELS:
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation, AutoModelForSemanticSegmentation
+
+        if not folder.is_dir():
+            raise ValueError(
+                f"The {kind} model must be a local transformers folder (config.json, weights, preprocessor config) "
+                f"but got {str(model_dir)!r}. Download it once, e.g. with `huggingface-cli download`."
+            )
+        auto = {"depth": AutoModelForDepthEstimation, "segmentation": AutoModelForSemanticSegmentation}[kind]
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        model = auto.from_pretrained(folder, local_files_only=True).eval().requires_grad_(False)
+        logger.info("Loaded the %s model from %s", kind, folder)
+        _AUXILIARY_MODELS[key] = (processor, model)
+    return _AUXILIARY_MODELS[key]
+
+
+def clear_auxiliary_models() -> None:
+    """Drop the cached depth / segmentation models (they stay loaded after the first call)."""
+    _AUXILIARY_MODELS.clear()
+
+
+def _run_auxiliary(kind: str, images: torch.Tensor, model_dir, device):
+    """The estimator's raw output for `images` [B, 3, H, W] in [0, 1], computed on `device` (default: the images')."""
+    processor, model = _auxiliary_model(kind, model_dir)
+    device = images.device if device is None else torch.device(device)
+    model.to(device)  # a no-op after the first call on this device
+    # The processor resizes and normalises on the CPU (PIL / numpy); only its small output moves to the device.
+    inputs = processor(images=list(images.float().cpu()), return_tensors="pt", do_rescale=False)
+    return model(**{k: v.to(device) for k, v in inputs.items()})
 
 
 @torch.no_grad()
-def estimate_depth(images: torch.Tensor, model_dir: str | os.PathLike) -> torch.Tensor:
-    """Depth map (Depth-Anything-V2 or any `AutoModelForDepthEstimation` folder) -> [B, 3, H, W] in [0, 1]."""
-    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+def estimate_depth(
+    images: torch.Tensor, model_dir: str | os.PathLike, device: str | torch.device | None = None
+) -> torch.Tensor:
+    """Depth map (Depth-Anything-V2 or any `AutoModelForDepthEstimation` folder) -> [B, 3, H, W] in [0, 1].
 
-    processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForDepthEstimation.from_pretrained(model_dir, local_files_only=True).eval()
-    inputs = processor(images=list(images.float().cpu()), return_tensors="pt", do_rescale=False)
-    depth = model(**inputs).predicted_depth  # [B, h, w]
-    depth = F.interpolate(depth[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
+    The model is loaded once per folder and run on `device` (default: the images' device); the map is on it too.
+    """
+    out = _run_auxiliary("depth", images, model_dir, device)
+    depth = out.predicted_depth  # [B, h, w]
+    depth = F.interpolate(depth[:, None].float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
     lo = depth.amin(dim=(1, 2, 3), keepdim=True)
     hi = depth.amax(dim=(1, 2, 3), keepdim=True)
     return ((depth - lo) / (hi - lo).clamp_min(1e-6)).expand(-1, 3, -1, -1).contiguous()
 
 
 @torch.no_grad()
-def estimate_segmentation(images: torch.Tensor, model_dir: str | os.PathLike) -> torch.Tensor:
-    """Semantic segmentation (SegFormer or any `AutoModelForSemanticSegmentation` folder) -> colour map [B,3,H,W]."""
-    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+def estimate_segmentation(
+    images: torch.Tensor, model_dir: str | os.PathLike, device: str | torch.device | None = None
+) -> torch.Tensor:
+    """Semantic segmentation (SegFormer or any `AutoModelForSemanticSegmentation` folder) -> colour map [B,3,H,W].
 
-    processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForSemanticSegmentation.from_pretrained(model_dir, local_files_only=True).eval()
-    inputs = processor(images=list(images.float().cpu()), return_tensors="pt", do_rescale=False)
-    logits = F.interpolate(model(**inputs).logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-    return _label_colors(logits.argmax(dim=1))
+    The model is loaded once per folder and run on `device` (default: the images' device); the map is on it too.
+    """
+    out = _run_auxiliary("segmentation", images, model_dir, device)
+    logits = F.interpolate(out.logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return _label_colors(logits.argmax(dim=1), logits.shape[1])  # [B, classes, H, W] -> labels [B, H, W]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -889,6 +933,7 @@ __all__ = [
     "MultiModalLatentFusion",
     "apply_decomposition_weights",
     "canny_edges",
+    "clear_auxiliary_models",
     "estimate_depth",
     "estimate_segmentation",
     "initial_decomposition_model",
