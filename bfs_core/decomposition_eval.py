@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .atomic import atomic_path, atomic_write_text
 from .layer_math import alpha_blend, composite_stack
 
 
@@ -100,7 +101,8 @@ def load_image(path: Path, mode: str) -> torch.Tensor:
 def save_image(tensor: torch.Tensor, path: Path) -> Path:
     array = (tensor[0].permute(1, 2, 0).float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(tmp)
     return path
 
 
@@ -183,7 +185,8 @@ def build_case_set(assets: str | Path, out_dir: str | Path, count: int = 4, size
         save_image(mask, folder / "mask.png")
         save_image(background, folder / "background.png")
         save_image(obj, folder / "foreground.png")
-    (out / "README.txt").write_text(
+    atomic_write_text(
+        out / "README.txt",
         "Built by bfs_core.decomposition_eval.build_case_set from tests/assets (stamps: tuxpaint-stamps, photos: "
         "plasma-workspace wallpapers; see tests/assets/LICENSE.md).\n"
     )
@@ -276,5 +279,5 @@ def format_table(results: list[MethodScores], paper: bool = True) -> str:
 def write_report(results: list[MethodScores], path: Path) -> Path:
     data = {r.name: {"per_case": r.per_case} for r in results}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    atomic_write_text(path, json.dumps(data, indent=2))
     return path

@@ -21,6 +21,8 @@ from transformers import (
     T5Tokenizer,
 )
 
+from .errors import UserInputError, reading_folder
+
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +69,16 @@ def _tiny_t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=_T5_MAX_LENGTH)
 
 
-def _check_folder(root: pathlib.Path) -> None:
+def _check_folder(root: pathlib.Path, input_name: str = "root") -> None:
     if not root.is_dir():
-        raise ValueError(f"`root` must be an existing folder but got {str(root)!r}. Pass the FLUX.1-Fill-dev folder.")
+        raise UserInputError(
+            f"`{input_name}` must be an existing folder but got {str(root)!r}. Pass the FLUX.1-Fill-dev folder."
+        )
     missing = [name for name in _SUBFOLDERS if not (root / name).is_dir()]
     if missing:
-        raise ValueError(
-            f"`root` must hold the diffusers text-encoder subfolders {list(_SUBFOLDERS)}, but {str(root)!r} lacks "
-            f"{missing}. Pass the FLUX.1-Fill-dev (or FLUX.1-dev) diffusers folder; nothing is downloaded."
+        raise UserInputError(
+            f"`{input_name}` must hold the diffusers text-encoder subfolders {list(_SUBFOLDERS)}, but {str(root)!r} "
+            f"lacks {missing}. Pass the FLUX.1-Fill-dev (or FLUX.1-dev) diffusers folder; nothing is downloaded."
         )
 
 
@@ -124,16 +128,23 @@ class FluxTextEncoders:
         *,
         torch_dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device = "cpu",
+        name: str = "text_encoders",
     ) -> "FluxTextEncoders":
-        """Load from a diffusers-layout folder, strictly from local files."""
+        """Load from a diffusers-layout folder, strictly from local files; `name` is the input, named in errors."""
         root = pathlib.Path(root)
-        _check_folder(root)
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-        tokenizer_2 = AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=torch_dtype, local_files_only=True)
-        text_encoder_2 = T5EncoderModel.from_pretrained(
-            root / "text_encoder_2", dtype=torch_dtype, local_files_only=True
-        )
+        _check_folder(root, name)
+        with reading_folder(root / "tokenizer", name, "the CLIP tokenizer folder"):
+            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        with reading_folder(root / "tokenizer_2", name, "the T5 tokenizer folder"):
+            tokenizer_2 = AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
+        with reading_folder(root / "text_encoder", name, "the CLIP-L text encoder folder"):
+            text_encoder = CLIPTextModel.from_pretrained(
+                root / "text_encoder", dtype=torch_dtype, local_files_only=True
+            )
+        with reading_folder(root / "text_encoder_2", name, "the T5-XXL text encoder folder"):
+            text_encoder_2 = T5EncoderModel.from_pretrained(
+                root / "text_encoder_2", dtype=torch_dtype, local_files_only=True
+            )
         text_encoder.to(device).eval()
         text_encoder_2.to(device).eval()
         logger.info(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_dir, atomic_path, atomic_write_text
 from .models.bfs_checkpoint import save_bfs_weights
 from .models.dual_flux import DualBranchConfig, DualBranchFlux, parameter_group
 
@@ -64,7 +65,8 @@ def write_tiny_flux_vae(out_dir: Path, seed: int = 0) -> Path:
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    vae.save_pretrained(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        vae.save_pretrained(tmp)
     return out_dir
 
 
@@ -91,8 +93,8 @@ def write_tiny_set(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     root = paths["diffusers"]
     write_tiny_flux_vae(root / "vae", seed=seed)
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
-    (root / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(load_shipped_config("flux_fill_scheduler"), indent=2)
+    atomic_write_text(
+        root / "scheduler" / "scheduler_config.json", json.dumps(load_shipped_config("flux_fill_scheduler"), indent=2)
     )
     write_tiny_text_encoders(root, seed=seed)
     paths["vae"] = root / "vae"
@@ -104,7 +106,8 @@ def write_tiny_set(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     bfs_dir.mkdir(exist_ok=True)
     official = official_release_state_dict(cfg.num_layers, cfg.num_single_layers, transformer.inner_dim, seed=seed + 1)
     paths["bfs_official_pt"] = bfs_dir / "trained_weights.pt"
-    torch.save(official, paths["bfs_official_pt"])
+    with atomic_path(paths["bfs_official_pt"]) as tmp:
+        torch.save(official, tmp)
     for preset in ("release", "paper"):
         fresh = load_flux_fill_transformer(root, torch_dtype=torch.float32)
         model = DualBranchFlux(fresh, DualBranchConfig.preset(preset))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import comfy.model_management
 from comfy_api.latest import ComfyExtension, io
+from server import PromptServer
 from typing_extensions import override
 
 from ..bfs_core.pipeline import BFSPipeline
+from ..bfs_core.toy.guard import run_toy
 from .common import (
     ComfyFluxVAE,
     bounding_box_masks,
@@ -18,6 +20,7 @@ from .common import (
     raw_from_normalized,
 )
 from .loaders import BFS_MODEL
+from .toy import ToyModelHandle
 
 
 CATEGORY = "BFS/sampling"
@@ -47,22 +50,36 @@ def _outputs() -> list:
     ]
 
 
-def _run(model, vae, positive, seed, steps, guidance, short_side, background, mask, composite=None):
+def _run(model, vae, positive, seed, steps, guidance, short_side, background, mask, composite=None, node_id=None):
     background = image_to_core(background, "background")
     size = (background.shape[-1], background.shape[-2])
     region = bounding_box_masks(mask_to_core(mask, "mask", size))
+    composite = None if composite is None else image_to_core(composite, "composite")
     embeds, pooled = flux_text(positive)
     pipe = BFSPipeline(model.load(), ComfyFluxVAE(vae), model.scheduler_config)
     callback, interrupt = progress(steps)
     common = dict(seed=seed, steps=steps, guidance=guidance, short_side=short_side, callback=callback,
                   interrupt=interrupt)  # fmt: skip
-    if composite is None:
+    messages = []
+    if isinstance(model, ToyModelHandle):  # the toy maps any image into its 64×64 world and back, and warns
+        run = run_toy(pipe, background, region, embeds, pooled, composite, **common)
+        result, messages = run.result, [f"Warning: {w}" for w in run.warnings] + run.notes
+    elif composite is None:
         result = pipe.generate(background, region, embeds, pooled, **common)
     else:
-        result = pipe.extract(image_to_core(composite, "composite"), background, region, embeds, pooled, **common)
+        result = pipe.extract(composite, background, region, embeds, pooled, **common)
     samples = raw_from_normalized(result.fg_latent.float()).to(comfy.model_management.intermediate_device())
     latent = {"samples": samples, "bfs_original_size": result.original_size}
-    return io.NodeOutput(latent, image_from_core(result.composite), region[:, 0].cpu())
+    return io.NodeOutput(latent, image_from_core(result.composite), region[:, 0].cpu(), ui=_show(messages, node_id))
+
+
+def _show(messages: list[str], node_id) -> dict | None:
+    """Messages on the node in the UI (progress text under the node) and in its `text` output (/history, API)."""
+    if not messages:
+        return None
+    if node_id is not None and getattr(PromptServer, "instance", None) is not None:
+        PromptServer.instance.send_progress_text("\n".join(messages), node_id)
+    return {"text": messages}
 
 
 class BG2FGSample(io.ComfyNode):
@@ -82,11 +99,13 @@ class BG2FGSample(io.ComfyNode):
                 *_common_inputs(),
             ],
             outputs=_outputs(),
+            hidden=[io.Hidden.unique_id],
         )  # fmt: skip
 
     @classmethod
     def execute(cls, bfs_model, background, mask, positive, vae, seed, steps, guidance, short_side) -> io.NodeOutput:
-        return _run(bfs_model, vae, positive, seed, steps, guidance, short_side, background, mask)
+        return _run(bfs_model, vae, positive, seed, steps, guidance, short_side, background, mask,
+                    node_id=cls.hidden.unique_id)  # fmt: skip
 
 
 class ExtractForeground(io.ComfyNode):
@@ -108,6 +127,7 @@ class ExtractForeground(io.ComfyNode):
                 *_common_inputs(),
             ],
             outputs=_outputs(),
+            hidden=[io.Hidden.unique_id],
         )  # fmt: skip
 
     @classmethod
@@ -115,7 +135,8 @@ class ExtractForeground(io.ComfyNode):
         if composite.shape != background.shape:
             raise ValueError(f"`composite` {list(composite.shape)} and `background` {list(background.shape)} must "
                              "have the same size: the composite is the background with the object added.")  # fmt: skip
-        return _run(bfs_model, vae, positive, seed, steps, guidance, short_side, background, mask, composite)
+        return _run(bfs_model, vae, positive, seed, steps, guidance, short_side, background, mask, composite,
+                    node_id=cls.hidden.unique_id)  # fmt: skip
 
 
 class SamplingNodes(ComfyExtension):

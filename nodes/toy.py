@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from ..bfs_core.pipeline import DiffusersFluxVAE
 from ..bfs_core.toy.demo import background_image
-from ..bfs_core.toy.models import encode_toy_prompt, load_toy
+from ..bfs_core.toy.models import check_toy_weights, encode_toy_prompt, load_toy
 from ..bfs_core.toy.world import COLOURS, SHAPES, SIZE, vocabulary
 from .common import PatchedModel, image_from_core, normalized_from_raw, raw_from_normalized
 from .loaders import BFS_MODEL, RGBA_VAE
@@ -51,6 +51,11 @@ class ToyVAE:
         return self.upscale_ratio
 
 
+class ToyModelHandle(PatchedModel):
+    """The toy model's BFS_MODEL: the sampling nodes see this type and run it through `bfs_core.toy.guard`, which
+    maps any image into the 64×64 toy world and back and warns about boxes the model was not trained on."""
+
+
 class LoadToyModel(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -61,7 +66,8 @@ class LoadToyModel(io.ComfyNode):
             description="The tiny BFS model shipped inside this pack (64×64 toy world: a sky, a ground, a sun; "
                         "coloured cubes, balls, cones and pillars with shadows). No download; runs on CPU in "
                         "seconds. Use it with Toy Background and Toy Text Encode to try every BFS node. It was "
-                        "trained at 64×64: for other images set the sampler's short_side to 64.",
+                        "trained at 64×64: the samplers resize any image into that world and back, and warn on the "
+                        "node when a box is too small, too large or off the ground.",
             inputs=[],
             outputs=[
                 BFS_MODEL.Output(display_name="bfs_model", tooltip="For BG2FG Sample / Extract Foreground."),
@@ -72,9 +78,17 @@ class LoadToyModel(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
+    def validate_inputs(cls) -> bool | str:
+        try:  # the shipped files are checked when the graph is queued: a damaged install is reported at once
+            check_toy_weights()
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
     def execute(cls) -> io.NodeOutput:
         pipe, rgba = load_toy()
-        model = PatchedModel.wrap(pipe.model, pipe.scheduler_config, "BFS toy model")
+        model = ToyModelHandle.wrap(pipe.model, pipe.scheduler_config, "BFS toy model")
         return io.NodeOutput(model, ToyVAE(pipe.codec), rgba, pipe.text_encoders)
 
 

@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic import atomic_path
 from .dual_flux import DualBranchConfig, DualBranchFlux, bfs_state_dict, dual_branch_config, prepare_for_inference
 
 
@@ -187,7 +188,8 @@ def save_bfs_weights(model: DualBranchFlux, path: str | os.PathLike, overrides: 
         "bfs_config": model.config.to_json(),
         "base_model": "FLUX.1-Fill-dev",
     }
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def convert_official_to_safetensors(pt_path: str | os.PathLike, out_path: str | os.PathLike) -> BFSCheckpoint:
@@ -202,7 +204,8 @@ def convert_official_to_safetensors(pt_path: str | os.PathLike, out_path: str | 
         "base_model": "FLUX.1-Fill-dev",
         "converted_from": Path(pt_path).name,
     }
-    save_file({k: v.contiguous() for k, v in ckpt.tensors.items()}, str(out_path), metadata=metadata)
+    with atomic_path(out_path) as tmp:
+        save_file({k: v.contiguous() for k, v in ckpt.tensors.items()}, str(tmp), metadata=metadata)
     return ckpt
 
 

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ..errors import UserInputError, read_safetensors, reading_folder
 
 
 logger = logging.getLogger(__name__)
@@ -509,12 +510,6 @@ def _choose_config(inferred: dict, config: dict | str | os.PathLike | None, sour
     return chosen
 
 
-def _read_safetensors(path: pathlib.Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-        return {key: f.get_tensor(key) for key in f.keys()}, metadata
-
-
 def _find_diffusers_transformer_folder(path: pathlib.Path) -> pathlib.Path | None:
     for folder in (path / "transformer", path):
         if (folder / "config.json").is_file():
@@ -522,8 +517,15 @@ def _find_diffusers_transformer_folder(path: pathlib.Path) -> pathlib.Path | Non
     return None
 
 
-def _load_from_diffusers_folder(folder: pathlib.Path, torch_dtype: torch.dtype, device: str | torch.device):
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+def _load_from_diffusers_folder(
+    folder: pathlib.Path, torch_dtype: torch.dtype, device: str | torch.device, name: str = "path"
+):
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserInputError(
+            f"`{name}` folder {str(folder)!r} has a config.json that is not valid JSON ({err}): re-download it."
+        ) from err
     if config.get("_class_name", "FluxTransformer2DModel") != "FluxTransformer2DModel":
         raise ValueError(
             f"`{folder}` must hold a FluxTransformer2DModel but its config.json says {config.get('_class_name')!r}. "
@@ -532,15 +534,20 @@ def _load_from_diffusers_folder(folder: pathlib.Path, torch_dtype: torch.dtype, 
     _check_is_fill(
         config.get("in_channels", 64), config.get("out_channels") or config.get("in_channels", 64), str(folder)
     )
-    model = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
+    with reading_folder(folder, name, "a diffusers FluxTransformer2DModel folder"):
+        model = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
     return model.to(device).eval()
 
 
 def _load_from_single_file(
-    path: pathlib.Path, torch_dtype: torch.dtype, device: str | torch.device, config: dict | str | None
+    path: pathlib.Path,
+    torch_dtype: torch.dtype,
+    device: str | torch.device,
+    config: dict | str | None,
+    name: str = "path",
 ) -> tuple[FluxTransformer2DModel, str]:
     source = str(path)
-    raw, metadata = _read_safetensors(path)
+    raw, metadata = read_safetensors(path, name)
     stored = Counter(str(t.dtype).replace("torch.", "") for t in raw.values())
     raw, n_other = _strip_diffusion_model_prefix(raw)
     if n_other:
@@ -602,6 +609,7 @@ def load_flux_fill_transformer(
     torch_dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     config: dict | str | None = None,
+    name: str = "path",
 ) -> FluxTransformer2DModel:
     """Load the FLUX.1-Fill-dev transformer offline from a diffusers folder or a single safetensors file.
 
@@ -612,6 +620,7 @@ def load_flux_fill_transformer(
         device: where the model ends up (it is assembled on the CPU).
         config: single files only: a config dict, a `config.json` path, or a folder holding one. Without it the
             shipped FLUX.1-Fill-dev config is used when the shapes match it, else a config inferred from the shapes.
+        name: the input as the user knows it (`base_model`, `--base`), named in every error message.
 
     Raises:
         ValueError: the path does not exist, the file is not a FLUX transformer, the model is not Fill
@@ -619,25 +628,28 @@ def load_flux_fill_transformer(
     """
     path = pathlib.Path(path)
     if not path.exists():
-        raise ValueError(f"`path` must be an existing file or folder but got {str(path)!r}, which does not exist.")
+        raise UserInputError(
+            f"`{name}` must be an existing file or folder but got {str(path)!r}, which does not exist. Pass "
+            "FLUX.1-Fill-dev as a diffusers folder or a single .safetensors file on this machine."
+        )
     if path.is_dir():
         folder = _find_diffusers_transformer_folder(path)
         if folder is None:
-            raise ValueError(
-                f"`path` must be a diffusers folder with `config.json` or `transformer/config.json`, but "
+            raise UserInputError(
+                f"`{name}` must be a diffusers folder with `config.json` or `transformer/config.json`, but "
                 f"{str(path)!r} has neither. Pass the FLUX.1-Fill-dev folder or a single .safetensors file."
             )
         if config is not None:
             raise ValueError(
                 "`config` must be None for a diffusers folder (it has its own config.json) but was given."
             )
-        model = _load_from_diffusers_folder(folder, torch_dtype, device)
+        model = _load_from_diffusers_folder(folder, torch_dtype, device, name)
         fmt = f"diffusers folder {folder}"
     elif path.suffix.lower() in (".safetensors", ".sft"):
-        model, fmt = _load_from_single_file(path, torch_dtype, device, config)
+        model, fmt = _load_from_single_file(path, torch_dtype, device, config, name)
     else:
-        raise ValueError(
-            f"`path` must be a folder or a .safetensors file but got {str(path)!r}. Convert other formats to "
+        raise UserInputError(
+            f"`{name}` must be a folder or a .safetensors file but got {str(path)!r}. Convert other formats to "
             "safetensors first; pickled checkpoints are not loaded."
         )
     n_params = sum(p.numel() for p in model.parameters())

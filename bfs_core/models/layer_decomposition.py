@@ -51,6 +51,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic import atomic_path
 from ..finite import check_finite
 from ..layer_math import dilate_mask, resize_rgba
 from ..pipeline import processing_size, resize_images, resize_mask
@@ -652,7 +653,8 @@ def save_decomposition_weights(model: LayerDecomposition, path: str | os.PathLik
         ),
         "lora_rank": str(model.config.lora_rank),
     }
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

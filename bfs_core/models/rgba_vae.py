@@ -32,6 +32,7 @@ from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic import atomic_dir, atomic_path
 from ..finite import check_finite
 from .transparent_vae import (
     LatentTransparencyOffsetEncoder,
@@ -69,7 +70,8 @@ class RGBADecoder(Protocol):
 def save_latent_file(path: str | pathlib.Path, latent: torch.Tensor) -> pathlib.Path:
     """Write a normalised Flux latent [B, 16, h, w] as ``{"latent": ...}`` with ``space=flux_normalized`` metadata."""
     path = pathlib.Path(path)
-    save_file({"latent": latent.detach().float().cpu().contiguous()}, str(path), metadata={"space": LATENT_SPACE})
+    with atomic_path(path) as tmp:
+        save_file({"latent": latent.detach().float().cpu().contiguous()}, str(tmp), metadata={"space": LATENT_SPACE})
     return path
 
 
@@ -267,7 +269,8 @@ def save_release_vae_single_file(vae: AutoencoderKL, path: str | pathlib.Path) -
     path = pathlib.Path(path)
     state = {k: v.contiguous() for k, v in vae.state_dict().items()}
     meta = {"config": json.dumps({f: vae.config[f] for f in NON_SHAPE_FIELDS}), "format": RELEASE_FORMAT}
-    save_file(state, str(path), metadata=meta)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 
@@ -430,10 +433,12 @@ def write_tiny_rgba_vaes(out_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     vae = tiny_release_vae(0)
     folder = out_dir / "bfs_transparency_vae"
-    vae.save_pretrained(str(folder), safe_serialization=True)
+    with atomic_dir(folder) as tmp:
+        vae.save_pretrained(str(tmp), safe_serialization=True)
     single = save_release_vae_single_file(vae, out_dir / "bfs_transparency_vae.safetensors")
     pth = out_dir / "TransparentVAE_tiny.pth"
-    torch.save(tiny_transparent_vae_state_dict(0), str(pth))
+    with atomic_path(pth) as tmp:
+        torch.save(tiny_transparent_vae_state_dict(0), str(tmp))
     converted = convert_transparent_vae_to_safetensors(pth, out_dir / "TransparentVAE_tiny.safetensors")
     return {
         "bfs_release_folder": folder,

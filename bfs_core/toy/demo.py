@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..atomic import atomic_path
 from ..layer_math import alpha_blend
 from ..layered_files import write_layered_file
 from .models import MAX_SEQUENCE_LENGTH, load_toy
@@ -124,11 +125,12 @@ def run_demo(out_dir: str | Path, *, weights: str | Path | None = None, steps: i
     rows.append(chain_row)
     psd = write_layered_file(out / "scene.psd", _to_pil(bg[0]), layers)
     ora = write_layered_file(out / "scene.ora", _to_pil(bg[0]), layers)
-    _to_pil(scene[0]).save(out / "scene.png")
+    _save_rgba(scene[0], out / "scene.png")
     sheet = out / "contact_sheet.png"
     title = ("BFS toy demo: background | per prompt: RGBA layer (checkerboard = transparent, yellow = box) | "
              "layer over background.  Last row: a three-layer scene by chaining.")  # fmt: skip
-    _sheet(rows, title).save(sheet)
+    with atomic_path(sheet) as tmp:
+        _sheet(rows, title).save(tmp)
     seconds = time.time() - start
     logger.info("toy demo written to %s in %.1f s", out, seconds)
     return DemoResult(contact_sheet=sheet, psd=psd, ora=ora, seconds=seconds)
@@ -140,4 +142,5 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def _save_rgba(image: torch.Tensor, path: Path) -> None:
-    _to_pil(image).save(path)
+    with atomic_path(path) as tmp:
+        _to_pil(image).save(tmp)
