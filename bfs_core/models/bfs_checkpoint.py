@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path
+from ..errors import UserInputError, load_torch_tensors, open_safetensors
 from .dual_flux import DualBranchConfig, DualBranchFlux, bfs_state_dict, dual_branch_config, prepare_for_inference
 
 
@@ -76,25 +76,25 @@ def _block_type(key: str) -> str:
 # Reading
 
 
-def read_official_checkpoint(path: str | os.PathLike, flux_keys: set[str] | None = None) -> BFSCheckpoint:
+def read_official_checkpoint(
+    path: str | os.PathLike, flux_keys: set[str] | None = None, name: str = "bfs_weights"
+) -> BFSCheckpoint:
     """Read the release's `trained_weights.pt` (a file, or a folder holding it) into our key space.
 
     Args:
         path: the `.pt` file or its folder.
         flux_keys: the base transformer's parameter names; keys among them become `base_override.*`. Without it,
             such keys are reported as unplaced.
+        name: the input as the user knows it (`bfs_weights`, `--bfs`), named in every error message.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "trained_weights.pt"
     if not path.is_file():
-        raise ValueError(f"BFS checkpoint not found: {path}. Pass the official trained_weights.pt or its folder.")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for non-tensor pickles
-        raise ValueError(f"{path} could not be read as a plain dict of tensors with weights_only=True: {err}") from err
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise ValueError(f"{path} must hold a plain dict of tensors (the release's format) but holds {type(raw)}.")
+        raise UserInputError(
+            f"`{name}`: BFS checkpoint {str(path)!r} not found. Pass the official trained_weights.pt or its folder."
+        )
+    raw = load_torch_tensors(path, name)
 
     tensors, unplaced, ranks = {}, {}, set()
     for key, value in raw.items():
@@ -125,9 +125,9 @@ def read_official_checkpoint(path: str | os.PathLike, flux_keys: set[str] | None
             del tensors[key]
     post_keys = [k for k in tensors if k.endswith(".joint.post.weight")]
     if not post_keys:
-        raise ValueError(
-            f"{path} holds no BFS joint-module weights (`*.conv1n.weight` with a square [D, D] shape); "
-            f"it is not a BFS release checkpoint with post_joint=conv."
+        raise UserInputError(
+            f"`{name}` file {str(path)!r} holds no BFS joint-module weights (`*.conv1n.weight` with a square [D, D] "
+            "shape): it is not a BFS release checkpoint. Pass the release's trained_weights.pt."
         )
     if len(ranks) != 1:
         raise ValueError(f"{path}: the joint LoRAs must share one rank but ranks {sorted(ranks)} were found.")
@@ -141,36 +141,47 @@ def read_official_checkpoint(path: str | os.PathLike, flux_keys: set[str] | None
     return BFSCheckpoint(config=config, tensors=tensors, source=str(path), unplaced=unplaced)
 
 
-def read_bfs_safetensors(path: str | os.PathLike) -> BFSCheckpoint:
+def read_bfs_safetensors(path: str | os.PathLike, name: str = "bfs_weights") -> BFSCheckpoint:
     """Read our safetensors format (see the module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"BFS weights not found: {path}.")
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path, name) as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT_NAME:
-            raise ValueError(
-                f"{path} is not a BFS weights file (metadata `format` is {metadata.get('format')!r}, "
+            raise UserInputError(
+                f"`{name}` file {str(path)!r} is not a BFS weights file (metadata `format` is "
+                f"{metadata.get('format')!r}, "
                 f"expected {FORMAT_NAME!r}). Official .pt files load directly; see `python -m bfs_core "
                 f"convert`."
             )
         if metadata.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has BFS format version {metadata.get('format_version')!r}; this pack reads "
-                f"version {FORMAT_VERSION}. Update the pack."
+            raise UserInputError(
+                f"`{name}` file {str(path)!r} has BFS format version {metadata.get('format_version')!r}; this pack "
+                f"reads version {FORMAT_VERSION}. Update the pack."
             )
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return BFSCheckpoint(config=DualBranchConfig.from_json(metadata["bfs_config"]), tensors=tensors, source=str(path))
+    try:
+        config = DualBranchConfig.from_json(metadata["bfs_config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserInputError(
+            f"`{name}` file {str(path)!r} has no readable `bfs_config` metadata ({err!r}): re-download it or "
+            "re-convert it with `python -m bfs_core convert`."
+        ) from err
+    return BFSCheckpoint(config=config, tensors=tensors, source=str(path))
 
 
-def read_bfs_checkpoint(path: str | os.PathLike, flux_keys: set[str] | None = None) -> BFSCheckpoint:
+def read_bfs_checkpoint(
+    path: str | os.PathLike, flux_keys: set[str] | None = None, name: str = "bfs_weights"
+) -> BFSCheckpoint:
     """Either format, chosen by file type (a folder means the official layout)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return read_bfs_safetensors(path)
+        return read_bfs_safetensors(path, name)
     if path.is_dir() or path.suffix in (".pt", ".pth", ".bin"):
-        return read_official_checkpoint(path, flux_keys)
-    raise ValueError(f"Unknown BFS weights file type {path.name!r}: expected our .safetensors or the official .pt.")
+        return read_official_checkpoint(path, flux_keys, name)
+    raise UserInputError(
+        f"`{name}` file {str(path)!r} has an unknown type {path.suffix!r}: expected this pack's .safetensors or the "
+        "official trained_weights.pt."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -192,11 +203,13 @@ def save_bfs_weights(model: DualBranchFlux, path: str | os.PathLike, overrides: 
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def convert_official_to_safetensors(pt_path: str | os.PathLike, out_path: str | os.PathLike) -> BFSCheckpoint:
+def convert_official_to_safetensors(
+    pt_path: str | os.PathLike, out_path: str | os.PathLike, name: str = "input"
+) -> BFSCheckpoint:
     """Convert the release's `.pt` to our format without a base model: joint base copies and keys that look like
     Flux parameters are carried as-is (`joint.base.*`, `base_override.*`), so loading either file gives the same model.
     """
-    ckpt = read_official_checkpoint(pt_path, flux_keys=_looks_like_flux_keys(pt_path))
+    ckpt = read_official_checkpoint(pt_path, flux_keys=_looks_like_flux_keys(pt_path, name), name=name)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -209,9 +222,9 @@ def convert_official_to_safetensors(pt_path: str | os.PathLike, out_path: str | 
     return ckpt
 
 
-def _looks_like_flux_keys(pt_path) -> set[str]:
+def _looks_like_flux_keys(pt_path, name: str) -> set[str]:
     path = Path(pt_path)
-    raw = torch.load(path / "trained_weights.pt" if path.is_dir() else path, map_location="cpu", weights_only=True)
+    raw = load_torch_tensors(path / "trained_weights.pt" if path.is_dir() else path, name)
     pattern = re.compile(
         r"^(?:(?:transformer_blocks|single_transformer_blocks)\.\d+\.(?!attn1n\.|conv1n\.)"
         r"[\w.]+\.(?:weight|bias|scale)|(?:x_embedder|context_embedder|proj_out|norm_out|"
@@ -308,10 +321,12 @@ def apply_bfs_checkpoint(transformer, ckpt: BFSCheckpoint) -> DualBranchFlux:
     return model
 
 
-def load_bfs(transformer, path: str | os.PathLike) -> DualBranchFlux:
-    """One call: read either BFS format and patch + load it into a fresh Flux-Fill transformer."""
+def load_bfs(transformer, path: str | os.PathLike, name: str = "bfs_weights") -> DualBranchFlux:
+    """One call: read either BFS format and patch + load it into a fresh Flux-Fill transformer.
+
+    `name` is the input as the user knows it (`bfs_weights`, `--bfs`), named in every read error."""
     flux_keys = set(transformer.state_dict())
-    return apply_bfs_checkpoint(transformer, read_bfs_checkpoint(path, flux_keys))
+    return apply_bfs_checkpoint(transformer, read_bfs_checkpoint(path, flux_keys, name))
 
 
 def checkpoint_summary(ckpt: BFSCheckpoint) -> str:

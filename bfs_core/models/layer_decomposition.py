@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -83,6 +82,9 @@ FORMAT_NAME = "bfs-decomposition"
 FORMAT_VERSION = "1"
 MODALITIES = ("edge", "segmentation", "depth")
 LATENT_CHANNELS = 64  # packed: 16 latent channels × 2 × 2
+# Processing short side of decomposition: the paper trains and evaluates at 1024² (training/configs/decompose.yaml
+# `resolution`); the CLI, the pipeline and the node all default to it.
+DEFAULT_SHORT_SIDE = 1024
 FILL_CONTEXT_CHANNELS = 320  # packed image latent 64 | packed mask 256
 FILL_IN_CHANNELS = LATENT_CHANNELS + FILL_CONTEXT_CHANNELS  # 384, FLUX.1-Fill-dev's input
 
@@ -658,29 +660,40 @@ def save_decomposition_weights(model: LayerDecomposition, path: str | os.PathLik
     return path
 
 
-def read_decomposition_weights(path: str | os.PathLike) -> tuple[DecompositionConfig, dict[str, torch.Tensor]]:
+def read_decomposition_weights(
+    path: str | os.PathLike, name: str = "weights"
+) -> tuple[DecompositionConfig, dict[str, torch.Tensor]]:
+    from ..errors import UserInputError, open_safetensors
+
     path = Path(path)
     if not path.is_file() or path.suffix.lower() not in (".safetensors", ".sft"):
-        raise ValueError(
-            f"`weights` must be a decomposition .safetensors file but got {str(path)!r}. Train one with "
+        raise UserInputError(
+            f"`{name}` must be a decomposition .safetensors file but got {str(path)!r}. Train one with "
             "`python -m training decompose` (or write a tiny one with `write_tiny_decomposition`)."
         )
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with open_safetensors(path, name) as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT_NAME:
-            raise ValueError(
-                f"`{path}` is not a decomposition weights file (metadata format {metadata.get('format')!r}, expected "
-                f"{FORMAT_NAME!r}). BFS weights load with Load BFS; this needs Outpaint-and-Remove weights."
+            raise UserInputError(
+                f"`{name}` file {str(path)!r} is not a decomposition weights file (metadata format "
+                f"{metadata.get('format')!r}, expected {FORMAT_NAME!r}). BFS weights load with Load BFS; this needs "
+                "Outpaint-and-Remove weights."
             )
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return DecompositionConfig.from_json(metadata["config"]), tensors
+    try:
+        config = DecompositionConfig.from_json(metadata["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserInputError(
+            f"`{name}` file {str(path)!r} has no readable `config` metadata ({err!r}): re-download it."
+        ) from err
+    return config, tensors
 
 
 def apply_decomposition_weights(
-    transformer: FluxTransformer2DModel, path: str | os.PathLike, *, source: str | None = None
+    transformer: FluxTransformer2DModel, path: str | os.PathLike, *, source: str | None = None, name: str = "weights"
 ) -> LayerDecomposition:
     """Build the decomposition model around `transformer` from the file's config and load its weights exactly."""
-    config, tensors = read_decomposition_weights(path)
+    config, tensors = read_decomposition_weights(path, name)
     model = LayerDecomposition(transformer, config)
     expected = {k: tuple(v.shape) for k, v in model.trainable_state_dict().items()}
     missing = sorted(set(expected) - set(tensors))
@@ -715,14 +728,20 @@ def load_decomposition_model(
     *,
     torch_dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
+    names: tuple[str, str] = ("base", "weights"),
 ) -> LayerDecomposition:
-    """One call: FLUX.1-Fill-dev (any layout `load_flux_fill_transformer` reads) + decomposition weights."""
+    """One call: FLUX.1-Fill-dev (any layout `load_flux_fill_transformer` reads) + decomposition weights.
+
+    `names` are the two inputs as the user knows them (`--base`, `--weights`), named in error messages."""
+    from ..errors import UserInputError
     from .flux_fill_loading import load_flux_fill_transformer
 
     if not Path(weights).exists():
-        raise ValueError(f"`weights` path {str(weights)!r} does not exist; pass the decomposition .safetensors file.")
-    transformer = load_flux_fill_transformer(base, torch_dtype=torch_dtype, device=device)
-    return apply_decomposition_weights(transformer, weights).to(device)
+        raise UserInputError(
+            f"`{names[1]}` path {str(weights)!r} does not exist; pass the decomposition .safetensors file."
+        )
+    transformer = load_flux_fill_transformer(base, torch_dtype=torch_dtype, device=device, name=names[0])
+    return apply_decomposition_weights(transformer, weights, name=names[1]).to(device)
 
 
 def initial_decomposition_model(
@@ -831,7 +850,7 @@ class DecompositionPipeline:
         seed: int = 0,
         steps: int = 28,
         guidance: float = 30.0,
-        short_side: int = 512,
+        short_side: int = DEFAULT_SHORT_SIDE,
         paste_margin: int = 2,
         callback: StepCallback | None = None,
         interrupt: InterruptCheck | None = None,

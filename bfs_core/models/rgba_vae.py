@@ -29,10 +29,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from diffusers import AutoencoderKL
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_dir, atomic_path
+from ..errors import UserInputError, open_safetensors, reading_folder
 from ..finite import check_finite
 from .transparent_vae import (
     LatentTransparencyOffsetEncoder,
@@ -75,12 +75,15 @@ def save_latent_file(path: str | pathlib.Path, latent: torch.Tensor) -> pathlib.
     return path
 
 
-def load_latent_file(path: str | pathlib.Path) -> torch.Tensor:
+def load_latent_file(path: str | pathlib.Path, name: str = "latent") -> torch.Tensor:
     """Read a latent file written by :func:`save_latent_file` (or the sampler) -> [B, 16, h, w] float32."""
     path = pathlib.Path(path)
     if not path.is_file() or path.suffix != ".safetensors":
-        raise ValueError(f"Latent file {str(path)!r} must be an existing .safetensors file holding a `latent` tensor.")
-    with safe_open(str(path), framework="pt") as f:
+        raise UserInputError(
+            f"`{name}` file {str(path)!r} must be an existing .safetensors file holding a `latent` tensor (as "
+            "`generate` writes: fg_latent.safetensors)."
+        )
+    with open_safetensors(path, name) as f:
         metadata = f.metadata() or {}
         keys = list(f.keys())
         if "latent" not in keys:
@@ -144,6 +147,13 @@ def infer_release_vae_config(
     for field in ("force_upcast", "sample_size", "act_fn", "latents_mean", "latents_std"):
         if field in known:
             config[field] = known[field]
+    if (config["in_channels"], config["out_channels"], config["latent_channels"]) != (4, 4, 16):
+        raise UserInputError(
+            f"{source} is not an RGBA VAE: it is an AutoencoderKL with {config['in_channels']}/"
+            f"{config['out_channels']} in/out and {config['latent_channels']} latent channels"
+            f"{_rgb_vae_hint(config)}, but an RGBA VAE for Flux latents has 4/4 and 16. Pass the BFS release "
+            "transparency VAE or LayerDiffuse's TransparentVAE."
+        )
     missing = [f for f in NON_SHAPE_FIELDS if known.get(f) is None]
     if missing == ["norm_num_groups"] and all(w % 32 == 0 for w in widths):
         known["norm_num_groups"] = 32  # the diffusers default; the only other field shapes cannot show
@@ -156,6 +166,14 @@ def infer_release_vae_config(
         )
     config.update({f: known[f] for f in NON_SHAPE_FIELDS})
     return config
+
+
+def _rgb_vae_hint(config) -> str:
+    if config["in_channels"] == 3 and config["latent_channels"] == 4:
+        return " (an SD1.5/SDXL-style RGB VAE)"
+    if config["in_channels"] == 3 and config["latent_channels"] == 16:
+        return " (the FLUX.1 RGB VAE)"
+    return ""
 
 
 def _single_file_known_config(path: pathlib.Path, metadata: dict[str, str], overrides: dict | None) -> dict:
@@ -180,7 +198,7 @@ class ReleaseTransparencyVAE:
     format_name = RELEASE_FORMAT
     needs_rgb = False
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, source: str = "The VAE"):
         cfg = vae.config
         problems = []
         if cfg.latent_channels != 16:
@@ -190,7 +208,10 @@ class ReleaseTransparencyVAE:
         if cfg.shift_factor is None:
             problems.append("shift_factor=None (expected a number)")
         if problems:
-            raise ValueError(f"Not a BFS transparency VAE: {'; '.join(problems)}. Check the VAE folder or file.")
+            raise UserInputError(
+                f"{source} is not an RGBA VAE (BFS transparency VAE){_rgb_vae_hint(cfg)}: {'; '.join(problems)}. "
+                "Pass the BFS release transparency VAE or LayerDiffuse's TransparentVAE."
+            )
         self.vae = vae.eval().requires_grad_(False)
 
     @property
@@ -235,11 +256,15 @@ class ReleaseTransparencyVAE:
         return (raw - self.shift_factor) * self.scaling_factor
 
     @classmethod
-    def from_folder(cls, folder: str | pathlib.Path, **kwargs) -> "ReleaseTransparencyVAE":
+    def from_folder(cls, folder: str | pathlib.Path, name: str = "rgba_vae", **kwargs) -> "ReleaseTransparencyVAE":
         folder = pathlib.Path(folder)
         if not (folder / "config.json").is_file():
-            raise ValueError(f"{str(folder)!r} must be a diffusers AutoencoderKL folder with a config.json.")
-        return cls(AutoencoderKL.from_pretrained(str(folder), **kwargs))
+            raise UserInputError(
+                f"`{name}` folder {str(folder)!r} must be a diffusers AutoencoderKL folder with a config.json."
+            )
+        with reading_folder(folder, name, "a diffusers AutoencoderKL folder"):
+            vae = AutoencoderKL.from_pretrained(str(folder), **kwargs)
+        return cls(vae, source=f"`{name}` folder {str(folder)!r}")
 
     @classmethod
     def from_single_file(
@@ -248,12 +273,13 @@ class ReleaseTransparencyVAE:
         state_dict: dict[str, torch.Tensor] | None = None,
         metadata: dict[str, str] | None = None,
         config_overrides: dict | None = None,
+        name: str = "rgba_vae",
     ) -> "ReleaseTransparencyVAE":
         path = pathlib.Path(path)
         if state_dict is None:
-            state_dict, metadata = read_state_dict(path)
+            state_dict, metadata = read_state_dict(path, name)
         known = _single_file_known_config(path, metadata or {}, config_overrides)
-        config = infer_release_vae_config(state_dict, known, source=str(path))
+        config = infer_release_vae_config(state_dict, known, source=f"`{name}` file {str(path)!r}")
         vae = AutoencoderKL(**config)
         missing, unexpected = vae.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
@@ -261,7 +287,7 @@ class ReleaseTransparencyVAE:
                 f"{str(path)}: AutoencoderKL keys do not match the inferred config (missing {missing[:4]}, "
                 f"unexpected {unexpected[:4]}). Provide a diffusers folder with its config.json instead."
             )
-        return cls(vae)
+        return cls(vae, source=f"`{name}` file {str(path)!r}")
 
 
 def save_release_vae_single_file(vae: AutoencoderKL, path: str | pathlib.Path) -> pathlib.Path:
@@ -278,7 +304,7 @@ def save_release_vae_single_file(vae: AutoencoderKL, path: str | pathlib.Path) -
 # format detection and the entry point
 
 
-def detect_rgba_vae_format(path: str | pathlib.Path) -> str:
+def detect_rgba_vae_format(path: str | pathlib.Path, name: str = "rgba_vae") -> str:
     """``"bfs-release"`` or ``"layerdiffuse-flux"`` from the folder's config or the file's keys."""
     path = pathlib.Path(path)
     if path.is_dir():
@@ -290,11 +316,11 @@ def detect_rgba_vae_format(path: str | pathlib.Path) -> str:
             '"_class_name": "AutoencoderKL"). For LayerDiffuse, pass the TransparentVAE.pth file itself.'
         )
     if path.suffix == ".safetensors" and path.is_file():
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path, name) as f:
             keys = list(f.keys())
     else:
-        keys = list(read_state_dict(path)[0])
-    return _format_from_keys(keys, str(path))
+        keys = list(read_state_dict(path, name)[0])
+    return _format_from_keys(keys, f"`{name}` file {str(path)!r}")
 
 
 def _format_from_keys(keys: list[str], source: str) -> str:
@@ -316,6 +342,7 @@ def load_rgba_decoder(
     flux_vae: AutoencoderKL | None = None,
     config_overrides: dict | None = None,
     emulate_release_bf16: bool = True,
+    name: str = "rgba_vae",
 ) -> RGBADecoder:
     """Load any supported RGBA VAE and return a decoder with one interface.
 
@@ -329,24 +356,27 @@ def load_rgba_decoder(
             ``shift_factor``, ``norm_num_groups``).
         emulate_release_bf16: The release casts its transparency VAE to bf16 and back to fp32 (release §4); do the
             same so weights carry the same rounding.
+        name: the input as the user knows it (`rgba_vae`, `--rgba-vae`), named in every error message.
     Returns:
         An :class:`RGBADecoder`: ``decode(latent, rgb=None, **options)`` -> straight RGBA [B, 4, H, W] in [0, 1].
     """
     path = pathlib.Path(path)
     if not path.exists():
-        raise ValueError(f"RGBA VAE path {str(path)!r} does not exist. Pass a diffusers folder or a weights file.")
+        raise UserInputError(
+            f"`{name}` path {str(path)!r} does not exist. Pass an RGBA VAE diffusers folder or weights file."
+        )
     dtype = dtype if dtype is not None else torch.float32
     if path.is_dir():
-        decoder: RGBADecoder = ReleaseTransparencyVAE.from_folder(path)
+        decoder: RGBADecoder = ReleaseTransparencyVAE.from_folder(path, name=name)
         fmt = RELEASE_FORMAT
     else:
-        state_dict, metadata = read_state_dict(path)
-        fmt = _format_from_keys(list(state_dict), str(path))
+        state_dict, metadata = read_state_dict(path, name)
+        fmt = _format_from_keys(list(state_dict), f"`{name}` file {str(path)!r}")
         if fmt == LAYERDIFFUSE_FORMAT:
             decoder = TransparentVAE.from_state_dict(state_dict, source=str(path), dtype=dtype)
             decoder.flux_vae = flux_vae
         else:
-            decoder = ReleaseTransparencyVAE.from_single_file(path, state_dict, metadata, config_overrides)
+            decoder = ReleaseTransparencyVAE.from_single_file(path, state_dict, metadata, config_overrides, name)
     if fmt == RELEASE_FORMAT:
         with torch.no_grad():
             # In place rather than ModelMixin.to(dtype), which warns about keep-in-fp32 modules AutoencoderKL lacks.
