@@ -188,7 +188,7 @@ def build_case_set(assets: str | Path, out_dir: str | Path, count: int = 4, size
     atomic_write_text(
         out / "README.txt",
         "Built by bfs_core.decomposition_eval.build_case_set from tests/assets (stamps: tuxpaint-stamps, photos: "
-        "plasma-workspace wallpapers; see tests/assets/LICENSE.md).\n"
+        "plasma-workspace wallpapers; see tests/assets/LICENSE.md).\n",
     )
     return out
 

@@ -21,6 +21,7 @@ from transformers import (
     T5Tokenizer,
 )
 
+from .atomic import atomic_dir
 from .errors import UserInputError, reading_folder
 
 
@@ -233,8 +234,8 @@ def write_tiny_text_encoders(
         torch.manual_seed(seed)
         clip = CLIPTextModel(clip_config).eval()
         t5 = T5EncoderModel(t5_config).eval()
-    clip.save_pretrained(root / "text_encoder")
-    t5.save_pretrained(root / "text_encoder_2")
-    clip_tokenizer.save_pretrained(root / "tokenizer")
-    t5_tokenizer.save_pretrained(root / "tokenizer_2")
+    parts = {"text_encoder": clip, "text_encoder_2": t5, "tokenizer": clip_tokenizer, "tokenizer_2": t5_tokenizer}
+    for folder, part in parts.items():
+        with atomic_dir(root / folder) as tmp:
+            part.save_pretrained(tmp)
     return root

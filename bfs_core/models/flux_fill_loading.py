@@ -25,6 +25,7 @@ from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import save_file
 
+from ..atomic import atomic_dir, atomic_path
 from ..errors import UserInputError, read_safetensors, reading_folder
 
 
@@ -710,7 +711,9 @@ def write_tiny_flux_fill(out_dir: pathlib.Path, *, seed: int = 0) -> dict[str, p
     out_dir.mkdir(parents=True, exist_ok=True)
     model = _random_flux(_tiny_fill_config(), seed)
     paths = {"diffusers": out_dir / "flux-fill-diffusers"}
-    model.save_pretrained(paths["diffusers"] / "transformer", safe_serialization=True)
+    paths["diffusers"].mkdir(exist_ok=True)
+    with atomic_dir(paths["diffusers"] / "transformer") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
 
     bfl = {k: v.contiguous() for k, v in diffusers_to_bfl(model.state_dict()).items()}
     files = {
@@ -727,5 +730,6 @@ def write_tiny_flux_fill(out_dir: pathlib.Path, *, seed: int = 0) -> dict[str, p
     files["bfl_non_fill"] = ("flux1-dev-tiny-bf16.safetensors", other_bfl)
     for name, (filename, sd) in files.items():
         paths[name] = out_dir / filename
-        save_file(sd, str(paths[name]), metadata={"format": "pt"})
+        with atomic_path(paths[name]) as tmp:
+            save_file(sd, str(tmp), metadata={"format": "pt"})
     return paths
