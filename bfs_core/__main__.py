@@ -8,6 +8,8 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
+from pathlib import Path
 
 
 COMMANDS = {
@@ -25,9 +27,34 @@ COMMANDS = {
 }
 
 
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Bad input, not a bug: a `UserInputError`; a `ValueError` raised by the pack's own checks (the innermost frame
+    is in bfs_core); an OS error about a named file (missing, not writable, disk full)."""
+    from bfs_core.errors import UserInputError
+
+    if isinstance(err, UserInputError):
+        return True
+    if isinstance(err, OSError) and err.filename is not None:
+        return True
+    if isinstance(err, ValueError) and err.__traceback__ is not None:
+        innermost = traceback.extract_tb(err.__traceback__)[-1].filename
+        return Path(innermost).resolve().is_relative_to(_PACKAGE)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done, 2 bad input (one line on stderr, saying how to fix it; `--debug` adds
+    the traceback), 1 an internal error (full traceback: a bug to report), 130 interrupted."""
     parser = argparse.ArgumentParser(prog="python -m bfs_core", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}
     for name, (module_name, help_text) in COMMANDS.items():
@@ -38,16 +65,26 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             continue  # a command whose module is not in this checkout yet
         modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        module.add_arguments(command)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         return int(modules[args.command].run(args) or 0)
-    except ValueError as err:  # bad input: the message says what and how to fix it; no traceback for users
-        logging.getLogger("bfs_core").debug("details", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not is_user_error(err):
+            traceback.print_exc()
+            print(f"internal error in `{args.command}` (a bug, please report it): {_one_line(err)}", file=sys.stderr)
+            return 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

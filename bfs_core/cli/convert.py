@@ -2,6 +2,8 @@
 
 import argparse
 
+from .checks import check_exists, check_output_file
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="official trained_weights.pt (or its folder)")
@@ -11,8 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from bfs_core.models.bfs_checkpoint import checkpoint_summary, convert_official_to_safetensors
 
-    if not args.output.endswith(".safetensors"):
-        raise SystemExit(f"OUT must end in .safetensors but got {args.output!r}.")
+    check_exists(args.input, "input", "the official trained_weights.pt or its folder")
+    check_output_file(args.output, "output", (".safetensors",))
     ckpt = convert_official_to_safetensors(args.input, args.output)
     print(checkpoint_summary(ckpt))
     if ckpt.unplaced:

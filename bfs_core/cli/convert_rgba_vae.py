@@ -5,6 +5,8 @@ import pathlib
 
 import torch
 
+from .checks import check_exists, check_output_file
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", type=pathlib.Path, help="LayerDiffuse-Flux TransparentVAE.pth")
@@ -15,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bfs_core.models.transparent_vae import convert_transparent_vae_to_safetensors
 
+    check_exists(args.src, "src", "LayerDiffuse's TransparentVAE.pth")
+    check_output_file(args.out, "--out", (".safetensors",))
     dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     print(convert_transparent_vae_to_safetensors(args.src, args.out, dtype=dtype))
     return 0

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_image, check_output_dir, check_weights, output_folder
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="FLUX.1-Fill-dev: diffusers folder or single .safetensors")
@@ -22,7 +24,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--guidance", type=float, default=30.0)
-    parser.add_argument("--short-side", type=int, default=512, help="processing short side (0 = keep size)")
+    parser.add_argument("--short-side", type=int, default=None,
+                        help="processing short side (0 = keep size; default: the paper's 1024, DEFAULT_SHORT_SIDE in "
+                             "bfs_core/models/layer_decomposition.py, as the node)")  # fmt: skip
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -40,40 +44,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_paths(args, names) -> None:
     for name in names:
-        value = getattr(args, name.replace("-", "_"), None)
-        if value is not None and not Path(value).exists():
-            raise ValueError(f"`--{name}` path {value!r} does not exist; pass a local file or folder.")
+        check_weights(getattr(args, name.replace("-", "_"), None), f"--{name}")
+
+
+def resolved_short_side(args) -> int:
+    from bfs_core.models.layer_decomposition import DEFAULT_SHORT_SIDE
+
+    return DEFAULT_SHORT_SIDE if args.short_side is None else args.short_side
 
 
 def load_components(args, baseline: bool = False):
     """(model, codec, rgba_decoder, text encoders, scheduler config) from local files only."""
-    from diffusers import AutoencoderKL
-
+    from bfs_core.errors import UserInputError
     from bfs_core.models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config
     from bfs_core.models.layer_decomposition import FluxFillBaseline, load_decomposition_model
     from bfs_core.models.rgba_vae import load_rgba_decoder
-    from bfs_core.pipeline import DiffusersFluxVAE, parse_dtype
+    from bfs_core.pipeline import DiffusersFluxVAE, load_flux_vae, parse_dtype
 
     _check_paths(args, ["base", "weights", "vae", "rgba-vae", "text-encoders", "depth-model", "segmentation-model"])
     dtype, base = parse_dtype(args.dtype), Path(args.base)
     vae_path = args.vae or (base / "vae" if (base / "vae").is_dir() else None)
     if vae_path is None:
-        raise ValueError(f"No Flux VAE given and {base} has no `vae/` folder: pass --vae (the FLUX.1 VAE folder).")
-    vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype, local_files_only=True).to(args.device)
-    if baseline:
-        decoder = None
-        model = FluxFillBaseline(load_flux_fill_transformer(base, torch_dtype=dtype, device=args.device))
-    else:
-        if not args.weights or not args.rgba_vae:
-            raise ValueError("`--weights` and `--rgba-vae` are required to decompose (foreground and background).")
-        model = load_decomposition_model(base, args.weights, torch_dtype=dtype, device=args.device)
-        decoder = load_rgba_decoder(args.rgba_vae, device=args.device, flux_vae=vae)
+        raise UserInputError(
+            f"No Flux VAE given and `--base` {str(base)!r} has no `vae/` folder: pass --vae (the FLUX.1 VAE folder)."
+        )
     encoders_root = args.text_encoders or (base if (base / "text_encoder_2").is_dir() else None)
     if encoders_root is None:
-        raise ValueError(f"No text encoders given and {base} has none: pass --text-encoders (T5-XXL + CLIP-L folder).")
+        raise UserInputError(
+            f"No text encoders given and `--base` {str(base)!r} has none: pass --text-encoders (T5-XXL + CLIP-L "
+            "folder)."
+        )
+    if not baseline and (not args.weights or not args.rgba_vae):
+        raise UserInputError("`--weights` and `--rgba-vae` are required to decompose (foreground and background).")
+    vae = load_flux_vae(vae_path, dtype=dtype, device=args.device, name="--vae")
+    decoder = None
+    if not baseline:  # the small RGBA VAE first: a wrong file fails before the big transformer loads
+        decoder = load_rgba_decoder(args.rgba_vae, device=args.device, dtype=dtype, flux_vae=vae, name="--rgba-vae")
+    if baseline:
+        transformer = load_flux_fill_transformer(base, torch_dtype=dtype, device=args.device, name="--base")
+        model = FluxFillBaseline(transformer)
+    else:
+        model = load_decomposition_model(
+            base, args.weights, torch_dtype=dtype, device=args.device, names=("--base", "--weights")
+        )
     from bfs_core.text_encoders import FluxTextEncoders
 
-    encoders = FluxTextEncoders.from_pretrained(encoders_root, torch_dtype=dtype, device=args.device)
+    encoders = FluxTextEncoders.from_pretrained(
+        encoders_root, torch_dtype=dtype, device=args.device, name="--text-encoders"
+    )
     scheduler = load_shipped_config("flux_fill_scheduler")
     if (base / "scheduler" / "scheduler_config.json").is_file():
         scheduler = {**scheduler, **json.loads((base / "scheduler" / "scheduler_config.json").read_text())}
@@ -93,15 +111,21 @@ def estimated_maps(args, image: torch.Tensor, given: dict) -> dict:
 
 def run(args) -> int:
     from bfs_core.decomposition_eval import load_image, save_image
+    from bfs_core.errors import UserInputError
     from bfs_core.layered_files import write_layered_file
     from bfs_core.models.layer_decomposition import DecompositionPipeline
 
-    _check_paths(args, ["image", "mask", "edge", "segmentation", "depth"])
+    sizes = {flag: check_image(getattr(args, flag), f"--{flag}")
+             for flag in ("image", "mask", "edge", "segmentation", "depth") if getattr(args, flag)}  # fmt: skip
+    for flag, size in sizes.items():
+        if size != sizes["image"]:
+            raise UserInputError(
+                f"`--{flag}` {getattr(args, flag)!r} is {size[0]}×{size[1]} but the image is {sizes['image'][0]}×"
+                f"{sizes['image'][1]}: make it on this image (same size)."
+            )
+    out = check_output_dir(args.out, "--out")
     image = load_image(Path(args.image), "RGB")
     mask = load_image(Path(args.mask), "L")
-    if mask.shape[-2:] != image.shape[-2:]:
-        raise ValueError(f"--mask is {mask.shape[-1]}×{mask.shape[-2]} but the image is {image.shape[-1]}×"
-                         f"{image.shape[-2]}; draw the mask on this image.")  # fmt: skip
     given = {k: load_image(Path(getattr(args, k)), "RGB") if getattr(args, k) else None
              for k in ("edge", "segmentation", "depth")}  # fmt: skip
     model, codec, decoder, encoders, scheduler = load_components(args)
@@ -109,18 +133,18 @@ def run(args) -> int:
     embeds, pooled = encoders.encode([args.prompt])
     result = DecompositionPipeline(model, codec, decoder, scheduler).decompose(
         image, mask, embeds, pooled, **maps, compute_edges=not args.no_edges, seed=args.seed, steps=args.steps,
-        guidance=args.guidance, short_side=args.short_side,
+        guidance=args.guidance, short_side=resolved_short_side(args),
         callback=lambda i, total, _: print(f"step {i + 1}/{total}", end="\r", flush=True),
     )  # fmt: skip
     print()
-    out = Path(args.out)
-    written = {
-        "foreground": save_image(result.foreground, out / "foreground.png"),
-        "background": save_image(result.background, out / "background.png"),
-    }
-    written["layered"] = write_layered_file(
-        out / f"layers.{args.layered_format}", result.background, [("Foreground", result.foreground)]
-    )
+    with output_folder(out):
+        written = {
+            "foreground": save_image(result.foreground, out / "foreground.png"),
+            "background": save_image(result.background, out / "background.png"),
+        }
+        written["layered"] = write_layered_file(
+            out / f"layers.{args.layered_format}", result.background, [("Foreground", result.foreground)]
+        )
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .decompose import add_model_arguments, load_components
+from .decompose import add_model_arguments, load_components, resolved_short_side
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +46,8 @@ def run(args) -> int:
 
         def decompose(case, pipe=pipe, embeds=embeds, pooled=pooled):
             r = pipe.decompose(case.composite, case.mask, embeds, pooled, compute_edges=not args.no_edges,
-                               seed=args.seed, steps=args.steps, guidance=args.guidance, short_side=args.short_side)
+                               seed=args.seed, steps=args.steps, guidance=args.guidance,
+                               short_side=resolved_short_side(args))
             return r.foreground, r.background  # fmt: skip
 
         out = Path(args.out) if args.out else None

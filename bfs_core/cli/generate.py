@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from ..atomic import atomic_path
+from .checks import check_output_dir, check_weights, load_image, output_folder, parse_box
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,12 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load_image(path: str, mode: str) -> torch.Tensor:
-    array = np.asarray(Image.open(path).convert(mode), dtype=np.float32) / 255.0
-    array = array[..., None] if array.ndim == 2 else array
-    return torch.from_numpy(array).permute(2, 0, 1)[None]  # [H, W, C] -> [1, C, H, W]
-
-
 def _save_image(tensor: torch.Tensor, path: Path) -> Path:
     array = (tensor[0].permute(1, 2, 0).float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     with atomic_path(path) as tmp:
@@ -45,41 +40,55 @@ def _save_image(tensor: torch.Tensor, path: Path) -> Path:
 
 
 def region_mask(args, height: int, width: int) -> torch.Tensor:
-    from bfs_core.layer_math import box_from_mask, clamp_box, mask_from_box
+    from bfs_core.errors import UserInputError
+    from bfs_core.layer_math import box_from_mask, mask_from_box
 
     if args.box:
-        try:
-            box = [int(v) for v in args.box.split(",")]
-        except ValueError:
-            box = []
-        if len(box) != 4:
-            raise ValueError(f"--box must be x0,y0,x1,y1 (four integers) but got {args.box!r}.")
-        return mask_from_box(clamp_box(box, height, width), height, width)[None, None]
-    mask = _load_image(args.mask, "L")
+        return mask_from_box(parse_box(args.box, width, height), height, width)[None, None]
+    mask = load_image(args.mask, "--mask", "L")
     if mask.shape[-2:] != (height, width):
-        raise ValueError(f"--mask is {mask.shape[-1]}×{mask.shape[-2]} but the background is {width}×{height}.")
+        raise UserInputError(
+            f"`--mask` {args.mask!r} is {mask.shape[-1]}×{mask.shape[-2]} but the background is {width}×{height}: "
+            "draw the mask on the background (same size)."
+        )
     mask = (mask >= 0.5).float()
+    if not mask.any():
+        raise UserInputError(f"`--mask` {args.mask!r} has no white pixel: paint the region white, or pass --box.")
     if args.exact_mask:
         return mask
     return mask_from_box(box_from_mask(mask[0, 0]), height, width)[None, None]
+
+
+INPUT_NAMES = {"base": "--base", "bfs": "--bfs", "vae": "--vae", "text_encoders": "--text-encoders"}
 
 
 def run(args) -> int:
     from bfs_core.models.rgba_vae import save_latent_file
     from bfs_core.pipeline import load_pipeline, parse_dtype
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    background = _load_image(args.background, "RGB")
+    # Everything the user typed is checked before any model is loaded; --out is created only to write results.
+    for flag in ("base", "bfs", "vae", "text-encoders", "rgba-vae"):
+        check_weights(getattr(args, flag.replace("-", "_")), f"--{flag}")
+    out = check_output_dir(args.out, "--out")
+    background = load_image(args.background, "--background", "RGB")
     mask = region_mask(args, *background.shape[-2:])
+    dtype = parse_dtype(args.dtype)
     pipe = load_pipeline(
         args.base,
         args.bfs,
         vae=args.vae,
         text_encoders=args.text_encoders,
-        dtype=parse_dtype(args.dtype),
+        dtype=dtype,
         device=args.device,
+        input_names=INPUT_NAMES,
     )
+    decoder = None
+    if args.rgba_vae:  # loaded before sampling, so a wrong file fails before the minutes of computing
+        from bfs_core.models.rgba_vae import load_rgba_decoder
+
+        decoder = load_rgba_decoder(
+            args.rgba_vae, device=args.device, dtype=dtype, flux_vae=pipe.codec.vae, name="--rgba-vae"
+        )
     prompt_embeds, pooled = pipe.encode_prompt([args.prompt])
     result = pipe.generate(
         background,
@@ -93,21 +102,22 @@ def run(args) -> int:
         callback=lambda i, total, _: print(f"step {i + 1}/{total}", end="\r", flush=True),
     )
     print()
-    written = {
-        "fg_latent": save_latent_file(out / "fg_latent.safetensors", result.fg_latent),
-        "comp_latent": save_latent_file(out / "comp_latent.safetensors", result.comp_latent),
-        "composite": _save_image(result.composite, out / "composite.png"),
-        "mask": _save_image(mask, out / "mask.png"),
-    }
-    if args.rgba_vae:
+    rgba = None
+    if decoder is not None:
         from bfs_core.layer_math import resize_rgba
-        from bfs_core.models.rgba_vae import load_rgba_decoder
 
-        decoder = load_rgba_decoder(args.rgba_vae, device=args.device, flux_vae=pipe.codec.vae)
         rgb = pipe.decode_latents(result.fg_latent)  # only the LayerDiffuse format uses it
         width, height = result.original_size
         rgba = resize_rgba(decoder.decode(result.fg_latent, rgb=rgb), (height, width))
-        written["foreground"] = _save_image(rgba, out / "foreground.png")
+    with output_folder(out):
+        written = {
+            "fg_latent": save_latent_file(out / "fg_latent.safetensors", result.fg_latent),
+            "comp_latent": save_latent_file(out / "comp_latent.safetensors", result.comp_latent),
+            "composite": _save_image(result.composite, out / "composite.png"),
+            "mask": _save_image(mask, out / "mask.png"),
+        }
+        if rgba is not None:
+            written["foreground"] = _save_image(rgba, out / "foreground.png")
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0

@@ -5,6 +5,9 @@ import pathlib
 
 from PIL import Image
 
+from ..errors import UserInputError
+from .checks import check_image, check_output_file
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("background", type=pathlib.Path, help="background image (bottom layer)")
@@ -15,9 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bfs_core.layered_files import write_layered_file
 
-    for path in [args.background, *args.layers]:
-        if not path.is_file():
-            raise ValueError(f"Input image {str(path)!r} does not exist.")
+    check_output_file(args.out, "--out", (".psd", ".ora"))
+    sizes = {path: check_image(path, "background" if i == 0 else "layers")
+             for i, path in enumerate([args.background, *args.layers])}  # fmt: skip
+    for path, size in sizes.items():
+        if size != sizes[args.background]:
+            raise UserInputError(
+                f"layer {str(path)!r} is {size[0]}x{size[1]} but the background is {sizes[args.background][0]}x"
+                f"{sizes[args.background][1]}: save every layer at the background's size (resize it, or paste a "
+                "crop onto a transparent canvas of that size)."
+            )
     background = Image.open(args.background)
     layers = [(path.stem, Image.open(path)) for path in args.layers]
     print(write_layered_file(args.out, background, layers))
