@@ -83,3 +83,90 @@ def test_pipeline_input_errors_name_the_input(pipe):
         pipe.generate(background, mask, torch.zeros(1, 8, 4096), pooled, steps=1)
     with pytest.raises(ValueError, match="same shape"):
         pipe.extract(background[..., :60, :], background, mask, embeds, pooled, steps=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The paper's region rule: the region is the bounding box of whatever mask the user draws (x1 / y1 exclusive).
+# Two places derive it: the CLI (`cli.generate.region_mask`) and the nodes (`nodes.common.bounding_box_masks`).
+
+
+def _l_and_blobs():
+    """[H, W] = [20, 30] masks: an L (bar x 3..5, y 2..13 inclusive; foot x 3..17, y 12..13) and two separate blobs."""
+    l_shape = torch.zeros(20, 30)
+    l_shape[2:14, 3:6] = 1
+    l_shape[12:14, 3:18] = 1
+    blobs = torch.zeros(20, 30)
+    blobs[1:3, 25:29] = 1  # top right
+    blobs[16:19, 2:4] = 1  # bottom left
+    return {"l": l_shape, "blobs": blobs}
+
+
+def _box_by_hand(y0, y1, x0, x1):  # rows y0..y1-1 and columns x0..x1-1 set, written out with loops
+    m = torch.zeros(20, 30)
+    for y in range(y0, y1):
+        for x in range(x0, x1):
+            m[y, x] = 1.0
+    return m
+
+
+# The boxes read off the drawings above: (y0, y1, x0, x1) with the last row / column exclusive.
+EXPECTED_BOXES = {"l": (2, 14, 3, 18), "blobs": (1, 19, 2, 29)}
+
+
+@pytest.mark.parametrize("name", ["l", "blobs"])
+def test_cli_region_is_the_masks_bounding_box(name, tmp_path):
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    from bfs_core.cli.generate import region_mask
+
+    mask = _l_and_blobs()[name]
+    path = tmp_path / "mask.png"
+    Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(path)
+    args = argparse.Namespace(box=None, mask=str(path), exact_mask=False)
+    region = region_mask(args, 20, 30)
+    assert region.shape == (1, 1, 20, 30)
+    assert torch.equal(region[0, 0], _box_by_hand(*EXPECTED_BOXES[name]))
+    exact = region_mask(argparse.Namespace(box=None, mask=str(path), exact_mask=True), 20, 30)
+    assert torch.equal(exact[0, 0], mask)  # --exact-mask keeps the drawing
+    # --box x0,y0,x1,y1 is the same rule typed in: the same region.
+    y0, y1, x0, x1 = EXPECTED_BOXES[name]
+    typed = region_mask(argparse.Namespace(box=f"{x0},{y0},{x1},{y1}", mask=None, exact_mask=False), 20, 30)
+    assert torch.equal(typed, region)
+
+
+def _import_nodes_common(monkeypatch):
+    """nodes/common.py with the three ComfyUI modules it imports stubbed (its box rule needs none of them)."""
+    import importlib
+    import sys
+    import types
+    from pathlib import Path
+
+    for name in ("comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    repo = Path(__file__).resolve().parents[1]
+    for name, folder in (("bfs_region_pack_under_test", repo), ("bfs_region_pack_under_test.nodes", repo / "nodes")):
+        package = types.ModuleType(name)  # bare packages: the pack's and nodes' __init__ need a running ComfyUI
+        package.__path__ = [str(folder)]
+        monkeypatch.setitem(sys.modules, name, package)
+    try:
+        return importlib.import_module("bfs_region_pack_under_test.nodes.common")
+    finally:
+        for name in [m for m in sys.modules if m.startswith("bfs_region_pack_under_test.")
+                     and m != "bfs_region_pack_under_test.nodes"]:
+            sys.modules.pop(name, None)
+
+
+def test_node_region_is_each_masks_bounding_box(monkeypatch):
+    common = _import_nodes_common(monkeypatch)
+    masks = _l_and_blobs()
+    soft = masks["l"] * 0.8  # a soft brush stroke: >= 0.5 counts as painted
+    soft[0, 0] = 0.3  # below the threshold: not part of the region
+    regions = common.bounding_box_masks(torch.stack([soft, masks["blobs"]])[:, None])
+    assert regions.shape == (2, 1, 20, 30)
+    assert torch.equal(regions[0, 0], _box_by_hand(*EXPECTED_BOXES["l"]))
+    assert torch.equal(regions[1, 0], _box_by_hand(*EXPECTED_BOXES["blobs"]))
+    with pytest.raises(ValueError, match="empty"):
+        common.bounding_box_masks(torch.zeros(1, 1, 20, 30))
