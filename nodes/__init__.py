@@ -5,6 +5,7 @@ Node ids are stable and prefixed `BFS`.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import folder_paths
@@ -12,8 +13,14 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 
-# models/bfs holds BFS weights and RGBA VAEs; register it once, at import, with the usual weight extensions.
-folder_paths.add_model_folder_path("bfs", os.path.join(folder_paths.models_dir, "bfs"))
+# models/bfs holds BFS weights and RGBA VAEs; register it once, at import, with the usual weight extensions, and
+# create it, so the folder the README and the loaders' tooltips name is there to put files in.
+BFS_MODELS_DIR = os.path.join(folder_paths.models_dir, "bfs")
+try:
+    os.makedirs(BFS_MODELS_DIR, exist_ok=True)
+except OSError as err:  # a read-only models folder: the pack still loads; the loaders then list nothing
+    logging.getLogger(__name__).warning("Could not create %s (%s); put BFS files there by hand.", BFS_MODELS_DIR, err)
+folder_paths.add_model_folder_path("bfs", BFS_MODELS_DIR)
 folder_paths.folder_names_and_paths["bfs"] = (folder_paths.get_folder_paths("bfs"),
                                               folder_paths.supported_pt_extensions)  # fmt: skip
 
