@@ -4,7 +4,8 @@ Time convention: exactly the scheduler's, as stated in `bfs_core.sampling.flow_m
 sigma = 0 is clean data; x_sigma = (1 − sigma)·x0 + sigma·noise; the model predicts v = noise − x0; the transformer
 receives sigma. The paper's eq. 5 t is 1 − sigma (t = 1 is data, v* = z1 − z0 = data − noise: the same flow with
 the opposite sign of v). Its eq. 9 "timestep 0 for the composite branch" is a timestep in Flux's sense, not eq. 5's t:
-the paper feeds "the clean composite latent (without adding noise)", i.e. sigma = 0 here. Consequently the one-step clean estimate is x̂0 = x_sigma − sigma·v̂.
+the paper feeds "the clean composite latent (without adding noise)", i.e. sigma = 0 here. Consequently the one-step
+clean estimate is x̂0 = x_sigma − sigma·v̂.
 
 Norms are means over elements (then over the batch), as diffusers' trainers compute ‖·‖²; the relative weights of the
 paper (0.1 · L_comp) are kept.
