@@ -25,7 +25,7 @@ from bfs_core.models.dual_flux import (
 )
 from bfs_core.sampling.flow_match import fill_condition, latent_image_ids, pack_latents, sample_dual, unpack_latents
 
-from .common import CommonConfig, LatentEncoder, TextEmbeddingCache, write_grid
+from .common import CommonConfig, LatentEncoder, TextEmbeddingCache, randn_rows, write_grid
 
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,11 @@ def set_phase_trainable(model: DualBranchFlux, groups: set[str]) -> list[torch.n
     return set_trainable(model.transformer, groups)
 
 
+def named_trainables(model: DualBranchFlux, groups: set[str]) -> dict[str, torch.nn.Parameter]:
+    """name -> parameter of `groups`, named as in the BFS weight files (for `check_rank_sync`)."""
+    return {n: p for n, p in model.transformer.named_parameters() if parameter_group(n) in groups}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Batches
 
@@ -182,10 +187,12 @@ def encode_batch(
     )
 
 
-def draw_noise(comp: torch.Tensor, noise_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise for both branches: the paper shares one draw (eq. 5 has one z0), the release draws independently."""
-    noise_comp = torch.randn_like(comp)
-    return noise_comp, (noise_comp if noise_mode == "shared" else torch.randn_like(comp))
+def draw_noise(comp: torch.Tensor, noise_mode: str, accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise for both branches: the paper shares one draw (eq. 5 has one z0), the release draws independently.
+
+    With `accelerator`: this process's rows of the global batch's draw (training/common.py, `randn_rows`)."""
+    noise_comp = randn_rows(comp, accelerator)
+    return noise_comp, (noise_comp if noise_mode == "shared" else randn_rows(comp, accelerator))
 
 
 @torch.no_grad()

@@ -60,6 +60,9 @@ class CommonConfig:
     log_steps: int = 10  # loss-curve image every this many steps
     num_workers: int = 2  # DataLoader workers
     report_to: Literal["tensorboard", "none"] = "tensorboard"  # images/PNG are always written as well
+    # Debug: after every optimiser step compare every trainable parameter across processes (rank_sync.jsonl) and
+    # write process 0's trainables to rank_sync/step-<step>.safetensors (tests/test_training_ddp.py reads both).
+    debug_rank_sync: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -87,6 +90,22 @@ def make_accelerator(cfg: CommonConfig, kwargs_handlers: list | None = None) -> 
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         kwargs_handlers=kwargs_handlers or [],
     )
+
+
+class PreparedView:
+    """The model `accelerator.prepare` returned, called as such, with the unwrapped model's attributes readable.
+
+    Code in bfs_core reads `.config` / `.dtype`, which DDP's wrapper does not have; but the forward must run through
+    the wrapper, because DDP all-reduces only the gradients of a forward it ran itself."""
+
+    def __init__(self, prepared: torch.nn.Module, accelerator: Accelerator):
+        self._prepared, self._unwrapped = prepared, accelerator.unwrap_model(prepared)
+
+    def __call__(self, *args, **kwargs):
+        return self._prepared(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._unwrapped, name)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: CommonConfig) -> torch.optim.Optimizer:
@@ -131,21 +150,96 @@ def derived_numbers(cfg: CommonConfig, accelerator: Accelerator, dataset_sizes: 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Random draws of the global batch
+#
+# Every process is seeded alike (`set_seed(cfg.seed)`), draws the noise and sigmas of the *global* batch and keeps its
+# own rows. Process r of P holds global rows r, r + P, r + 2P, … (`ResumableSampler` deals the shuffled indices out
+# that way), so a sample gets the same noise and sigma however many processes share the batch: P processes of
+# batch B train exactly like one process of batch P·B (tests/test_training_ddp.py), and no two processes reuse one
+# noise draw. With one process this is the plain draw, bit for bit.
+
+
+def process_rows(x: torch.Tensor, accelerator: Accelerator | None) -> torch.Tensor:
+    """This process's rows of a tensor drawn for the global batch (all of it without an accelerator)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return x
+    return x[accelerator.process_index :: accelerator.num_processes]
+
+
+def randn_rows(like: torch.Tensor, accelerator: Accelerator | None) -> torch.Tensor:
+    """`torch.randn_like(like)` for this process's rows of the global batch (see above)."""
+    processes = 1 if accelerator is None else accelerator.num_processes
+    shape = (like.shape[0] * processes, *like.shape[1:])
+    return process_rows(torch.randn(shape, dtype=like.dtype, device=like.device), accelerator)
+
+
 # Timesteps (as diffusers' Flux LoRA trainers: density over [0, 1] -> index into the scheduler's sigmas)
 
 
-def sample_sigmas(n: int, weighting_scheme: str, logit_mean: float, logit_std: float, mode_scale: float, device):
-    """sigma [N] and the loss weights [N] for it, exactly as `train_dreambooth_lora_flux.py` draws them."""
+def sample_sigmas(
+    n: int,
+    weighting_scheme: str,
+    logit_mean: float,
+    logit_std: float,
+    mode_scale: float,
+    device,
+    accelerator: Accelerator | None = None,
+):
+    """sigma [N] and the loss weights [N] for it, exactly as `train_dreambooth_lora_flux.py` draws them.
+
+    With `accelerator`: this process's N rows of the global batch's draw (see "Random draws of the global batch").
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
     from bfs_core.models.flux_fill_loading import load_shipped_config
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(load_shipped_config("flux_fill_scheduler"))
-    u = compute_density_for_timestep_sampling(weighting_scheme, n, logit_mean, logit_std, mode_scale)
+    processes = 1 if accelerator is None else accelerator.num_processes
+    u = compute_density_for_timestep_sampling(weighting_scheme, n * processes, logit_mean, logit_std, mode_scale)
     indices = (u * scheduler.config.num_train_timesteps).long().clamp_max(len(scheduler.sigmas) - 1)
-    sigmas = scheduler.sigmas[indices].to(device)  # Flux: dynamic shifting, so these are the unshifted t/1000
+    sigmas = process_rows(scheduler.sigmas[indices], accelerator).to(device)  # the unshifted t/1000 (Flux: dynamic)
     return sigmas, compute_loss_weighting_for_sd3(weighting_scheme, sigmas)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Debug: are the processes' trainable parameters identical? (`debug_rank_sync`)
+
+
+def check_rank_sync(accelerator: Accelerator, params: dict[str, torch.Tensor], step: int, output_dir) -> dict:
+    """Compare every tensor of `params` (name -> trainable parameter) across processes after optimiser step `step`.
+
+    Appends {step, processes, tensors, numel, max_abs_diff, worst, identical} to `<output_dir>/rank_sync.jsonl`
+    (`identical`: the SHA-256 of every process's parameter bytes agree) and writes process 0's parameters to
+    `<output_dir>/rank_sync/step-<step>.safetensors`. Collective: every process must call it.
+    """
+    from accelerate.utils import gather_object
+
+    names = sorted(params)
+    flat = torch.cat([params[n].detach().float().flatten() for n in names])
+    digest = hashlib.sha256(flat.cpu().numpy().tobytes()).hexdigest()
+    gathered = accelerator.gather(flat[None].contiguous())  # [processes, numel]
+    digests = gather_object([digest])
+    diff = (gathered - gathered[:1]).abs().amax(dim=0)  # [numel]
+    per_tensor = [part.max().item() for part in diff.split([params[n].numel() for n in names])]
+    worst = max(range(len(names)), key=per_tensor.__getitem__)
+    record = {
+        "step": step,
+        "processes": accelerator.num_processes,
+        "tensors": len(names),
+        "numel": flat.numel(),
+        "max_abs_diff": per_tensor[worst],
+        "worst": names[worst],
+        "identical": len(set(digests)) == 1,
+    }
+    if accelerator.is_main_process:
+        out = Path(output_dir)
+        (out / "rank_sync").mkdir(parents=True, exist_ok=True)
+        atomic_save_file({n: params[n] for n in names}, out / "rank_sync" / f"step-{step:06d}.safetensors")
+        with (out / "rank_sync.jsonl").open("a") as f:  # an append-only log, like metrics.jsonl
+            f.write(json.dumps(record) + "\n")
+    accelerator.wait_for_everyone()
+    return record
 
 
 # ---------------------------------------------------------------------------------------------------------------------

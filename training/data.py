@@ -183,7 +183,9 @@ class ResumableSampler(torch.utils.data.Sampler):
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start_batch=0):
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.rank, self.world, self.start_batch = rank, world, start_batch
-        self.batches_per_epoch = len(range(rank, num_samples, world)) // batch_size
+        # Every process takes the same number of batches per epoch (the ranks stay in one epoch together, and
+        # P processes of batch B see exactly the global batches of one process of batch P·B).
+        self.batches_per_epoch = num_samples // world // batch_size
         if self.batches_per_epoch < 1:
             raise ValueError(
                 f"The dataset has {num_samples} usable samples, fewer than one batch of {batch_size} per process "

@@ -43,11 +43,13 @@ from .common import (
     LatentEncoder,
     MetricsLog,
     TextEmbeddingCache,
+    check_rank_sync,
     derived_numbers,
     load_checkpoint,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
+    randn_rows,
     resolve_resume,
     sample_sigmas,
     save_checkpoint,
@@ -156,11 +158,28 @@ class Batch:
     img_ids: torch.Tensor
 
 
+def spoil_masks(masks: torch.Tensor, cfg: TrainConfig, seeds: list[int]) -> torch.Tensor:
+    """`imperfect_mask` per sample, each with its own generator seeded by `seeds[i]`."""
+    return torch.cat([imperfect_mask(m[None], torch.Generator().manual_seed(seed), cfg.mask_dilate_px,
+                                     cfg.mask_erode_px, cfg.mask_jitter_px, cfg.mask_spoil_probability)
+                      for m, seed in zip(masks, seeds)])  # fmt: skip
+
+
+def mask_seeds(cfg: TrainConfig, step: int, micro: int, batch_size: int, accelerator) -> list[int]:
+    """Seeds of this process's samples in micro-batch `micro` of optimiser step `step` (0-based).
+
+    A function of the sample's row in the global batch (process r holds rows r, r + P, …, as the noise draws in
+    training/common.py), so a resumed run, and a run on any number of processes, spoils each sample alike."""
+    processes = accelerator.num_processes
+    first = micro * batch_size * processes + accelerator.process_index
+    rows = range(first, first + batch_size * processes, processes)
+    return [cfg.seed * 1_000_000_007 + step * 65_536 + row for row in rows]
+
+
 @torch.no_grad()
-def encode_batch(raw: dict, encoder: LatentEncoder, texts, cfg: TrainConfig, generator, device, dtype) -> Batch:
+def encode_batch(raw: dict, encoder: LatentEncoder, texts, cfg: TrainConfig, seeds: list[int], device, dtype) -> Batch:
     composite = raw["composite"].to(device)
-    mask = imperfect_mask(raw["mask"], generator, cfg.mask_dilate_px, cfg.mask_erode_px, cfg.mask_jitter_px,
-                          cfg.mask_spoil_probability).to(device)  # fmt: skip
+    mask = spoil_masks(raw["mask"], cfg, seeds).to(device)
     z_bg_ctx, z_fg_ctx = encoder.rgb(composite * (1 - mask)), encoder.rgb(composite * mask)
     maps = {}
     if cfg.edges:
@@ -183,14 +202,20 @@ def encode_batch(raw: dict, encoder: LatentEncoder, texts, cfg: TrainConfig, gen
     )
 
 
-def decomposition_loss(model: LayerDecomposition, b: Batch, cfg: TrainConfig, device):
-    """Flow-matching loss on both sequences (the fusion module is trained through the condition)."""
+def decomposition_loss(model, b: Batch, cfg: TrainConfig, device, accelerator=None):
+    """Flow-matching loss on both sequences (the fusion module is trained through the condition).
+
+    `model` is what `accelerator.prepare` returned: the velocity forward must run through it, as DDP all-reduces
+    only the gradients of a forward it ran (calling the unwrapped model trains each process on its own)."""
+    core: LayerDecomposition = model if accelerator is None else accelerator.unwrap_model(model)
     sigma, weight = sample_sigmas(b.z_bg.shape[0], cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std,
-                                  cfg.mode_scale, device)  # fmt: skip
-    noise_bg = torch.randn_like(b.z_bg)
-    noise_fg = noise_bg if model.config.noise == "shared" else torch.randn_like(b.z_fg)
+                                  cfg.mode_scale, device, accelerator)  # fmt: skip
+    noise_bg = randn_rows(b.z_bg, accelerator)
+    noise_fg = noise_bg if core.config.noise == "shared" else randn_rows(b.z_fg, accelerator)
     x_bg, x_fg = noisy_latents(b.z_bg, noise_bg, sigma), noisy_latents(b.z_fg, noise_fg, sigma)
-    fused = model.fuse(b.modalities, b.query, b.img_ids)
+    # The fusion module runs outside DDP's forward; its gradients are still all-reduced, because DDP's hooks sit
+    # on every registered parameter and the backward of this same loss reaches them.
+    fused = core.fuse(b.modalities, b.query, b.img_ids)
     condition = torch.cat([b.condition.to(fused.dtype), fused], -1)
     v_bg, v_fg = model(x_bg, x_fg, condition, b.prompt_embeds, b.pooled, sigma, sigma, b.img_ids, cfg.guidance)
     l_bg = flow_matching_loss(v_bg, noise_bg, b.z_bg, weight)  # ‖(noise − z) − v̂‖², see training/losses.py
@@ -222,6 +247,7 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     optimizer = make_optimizer(params, cfg)
     lr_scheduler = make_lr_scheduler(optimizer, cfg, accelerator)
     register_hooks(accelerator)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers("decompose")
@@ -230,6 +256,8 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     resume = resolve_resume(cfg)
     if resume is not None:
         global_step = load_checkpoint(accelerator, resume)["global_step"]
+    if cfg.debug_rank_sync:
+        check_rank_sync(accelerator, named, global_step, out)
     loader = make_loader(dataset, cfg.batch_size, cfg.seed, global_step * cfg.gradient_accumulation_steps,
                          accelerator, cfg.num_workers)  # fmt: skip
     batches = iter(loader)
@@ -238,12 +266,12 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
                disable=not accelerator.is_local_main_process)  # fmt: skip
     while global_step < cfg.max_steps:
         step_loss, parts = 0.0, {}
-        # Mask spoiling is seeded by the step, so a resumed run spoils exactly as an uninterrupted one would.
-        mask_gen = torch.Generator().manual_seed(cfg.seed + 1000 * global_step + accelerator.process_index)
-        for _ in range(cfg.gradient_accumulation_steps):
-            b = encode_batch(next(batches), encoder, texts, cfg, mask_gen, device, dtype)
+        for micro in range(cfg.gradient_accumulation_steps):
+            # Mask spoiling is seeded by step and sample, so a resumed run spoils exactly as an uninterrupted one.
+            seeds = mask_seeds(cfg, global_step, micro, cfg.batch_size, accelerator)
+            b = encode_batch(next(batches), encoder, texts, cfg, seeds, device, dtype)
             with accelerator.accumulate(model):
-                loss, parts = decomposition_loss(accelerator.unwrap_model(model), b, cfg, device)
+                loss, parts = decomposition_loss(model, b, cfg, device, accelerator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -256,6 +284,8 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         metrics.log(global_step, {"loss": step_loss, **parts, "lr": lr_scheduler.get_last_lr()[0]})
+        if cfg.debug_rank_sync:
+            check_rank_sync(accelerator, named, global_step, out)
         if callback is not None:
             callback(global_step, {"loss": step_loss, **parts}, accelerator.unwrap_model(model))
         if global_step % cfg.log_steps == 0:

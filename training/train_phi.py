@@ -28,7 +28,9 @@ from .common import (
     CommonConfig,
     LatentEncoder,
     MetricsLog,
+    PreparedView,
     atomic_save_file,
+    check_rank_sync,
     derived_numbers,
     load_checkpoint,
     make_accelerator,
@@ -140,7 +142,9 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     optimizer = make_optimizer(params, cfg)
     lr_scheduler = make_lr_scheduler(optimizer, cfg, accelerator)
     register_hooks(accelerator)
+    named = dict(phi.named_parameters())
     phi, optimizer, lr_scheduler = accelerator.prepare(phi, optimizer, lr_scheduler)
+    view = PreparedView(phi, accelerator)  # the forward through DDP, `config` for compose_latents
     if accelerator.is_main_process:
         accelerator.init_trackers("phi")
 
@@ -148,6 +152,8 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     resume = resolve_resume(cfg)
     if resume is not None:
         global_step = load_checkpoint(accelerator, resume)["global_step"]
+    if cfg.debug_rank_sync:
+        check_rank_sync(accelerator, named, global_step, out)
     loader = make_loader(
         dataset, cfg.batch_size, cfg.seed, global_step * cfg.gradient_accumulation_steps, accelerator, cfg.num_workers
     )
@@ -166,7 +172,7 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
         for _ in range(cfg.gradient_accumulation_steps):
             z_fg, z_bg, z_comp = encode(next(batches), encoder, device)
             with accelerator.accumulate(phi):
-                loss = phi_loss(phi, z_fg, z_bg, z_comp)  # eq. 16: mean ‖z_C − Φ(z_F, z_B)‖²
+                loss = phi_loss(view, z_fg, z_bg, z_comp)  # eq. 16: mean ‖z_C − Φ(z_F, z_B)‖²
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -179,6 +185,8 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.5f}")
         metrics.log(global_step, {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]})
+        if cfg.debug_rank_sync:
+            check_rank_sync(accelerator, named, global_step, out)
         if callback is not None:
             callback(global_step, {"loss": step_loss}, accelerator.unwrap_model(phi))
         if global_step % cfg.log_steps == 0:

@@ -29,6 +29,7 @@ from .bfs_model import (
     encode_batch,
     load_dual_model,
     load_frozen_phi,
+    named_trainables,
     register_hooks,
     save_weights,
     set_phase_trainable,
@@ -39,6 +40,7 @@ from .common import (
     LatentEncoder,
     MetricsLog,
     TextEmbeddingCache,
+    check_rank_sync,
     derived_numbers,
     load_checkpoint,
     make_accelerator,
@@ -74,12 +76,14 @@ class TrainResult:
     first_step: int  # the global step the first entry of `losses` belongs to
 
 
-def stage1_loss(model, phi, b, cfg: TrainConfig, device, noise_mode: str) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_flow + λ·L_comp for one encoded batch (eq. 5–7)."""
+def stage1_loss(
+    model, phi, b, cfg: TrainConfig, device, noise_mode: str, accelerator=None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_flow + λ·L_comp for one encoded batch (eq. 5–7); `accelerator`: draw for the global batch (common.py)."""
     sigma, weight = sample_sigmas(
-        b.comp.shape[0], cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, device
+        b.comp.shape[0], cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, device, accelerator
     )
-    noise_comp, noise_fg = draw_noise(b.comp, noise_mode)
+    noise_comp, noise_fg = draw_noise(b.comp, noise_mode, accelerator)
     x_comp = noisy_latents(b.comp, noise_comp, sigma)  # x_sigma = (1 − sigma)·z + sigma·noise
     x_fg = noisy_latents(b.fg, noise_fg, sigma)
     dtype = b.fill_cond.dtype
@@ -122,13 +126,15 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
 
     # Model: frozen Flux-Fill + BFS parameters (fp32); Φ frozen.
     model = load_dual_model(cfg, device, dtype)
-    params = set_phase_trainable(model, GROUPS if cfg.train_joint else GROUPS - {"joint"})
+    groups = GROUPS if cfg.train_joint else GROUPS - {"joint"}
+    params = set_phase_trainable(model, groups)
     noise_mode = model.config.noise
     logger.info("trainable: %d tensors, %.2f M parameters", len(params), sum(p.numel() for p in params) / 1e6)
     phi = load_frozen_phi(cfg.phi, device, dtype)
     optimizer = make_optimizer(params, cfg)
     lr_scheduler = make_lr_scheduler(optimizer, cfg, accelerator)
     register_hooks(accelerator)
+    named = named_trainables(model, groups)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers("bfs_stage1")
@@ -137,6 +143,8 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     resume = resolve_resume(cfg)
     if resume is not None:
         global_step = load_checkpoint(accelerator, resume)["global_step"]
+    if cfg.debug_rank_sync:
+        check_rank_sync(accelerator, named, global_step, out)
     loader = make_loader(
         dataset, cfg.batch_size, cfg.seed, global_step * cfg.gradient_accumulation_steps, accelerator, cfg.num_workers
     )
@@ -155,7 +163,7 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
             raw = next(batches)
             b = encode_batch(raw, encoder, texts, cfg, device, dtype)
             with accelerator.accumulate(model):
-                loss, parts = stage1_loss(model, phi, b, cfg, device, noise_mode)
+                loss, parts = stage1_loss(model, phi, b, cfg, device, noise_mode, accelerator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -168,6 +176,8 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         metrics.log(global_step, {"loss": step_loss, **parts, "lr": lr_scheduler.get_last_lr()[0]})
+        if cfg.debug_rank_sync:
+            check_rank_sync(accelerator, named, global_step, out)
         if callback is not None:
             callback(global_step, {"loss": step_loss, **parts}, accelerator.unwrap_model(model))
         if global_step % cfg.log_steps == 0:

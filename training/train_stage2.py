@@ -10,7 +10,8 @@ Optimiser steps alternate (odd steps L_real, even steps L_reg; step numbers from
   is fed the clean composite latent at sigma = 0 (the paper's "t = 0"; time convention in training/losses.py), the
   foreground branch is noised at sigma; v_F is regressed on noise − z_F, and ẑ_C = z_C exactly.
 Only the active phase's parameters require grad, and gradients are set to None between steps, so AdamW (torch or
-bitsandbytes) leaves every other parameter — weight decay included — untouched on that step.
+bitsandbytes) leaves every other parameter — weight decay included — untouched on that step. Under DDP both phases'
+parameters are registered once (see `main`) and the off-phase ones are reported unused.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .bfs_model import (
     encode_batch,
     load_dual_model,
     load_frozen_phi,
+    named_trainables,
     register_hooks,
     save_weights,
     set_phase_trainable,
@@ -40,6 +42,7 @@ from .common import (
     LatentEncoder,
     MetricsLog,
     TextEmbeddingCache,
+    check_rank_sync,
     derived_numbers,
     load_checkpoint,
     make_accelerator,
@@ -87,12 +90,14 @@ def phase_batches_done(step_done: int) -> dict[str, int]:
     return {"real": (step_done + 1) // 2, "reg": step_done // 2}
 
 
-def real_loss(model, phi, b, cfg: TrainConfig, device, noise_mode: str) -> tuple[torch.Tensor, dict[str, float]]:
+def real_loss(
+    model, phi, b, cfg: TrainConfig, device, noise_mode: str, accelerator=None
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 8: ‖v*_C − v_C(z_C^σ, z_F̃^σ, σ)‖² with b.fg the surrogate F̃ = C·M latent."""
     sigma, weight = sample_sigmas(
-        b.comp.shape[0], cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, device
+        b.comp.shape[0], cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, device, accelerator
     )
-    noise_comp, noise_fg = draw_noise(b.comp, noise_mode)
+    noise_comp, noise_fg = draw_noise(b.comp, noise_mode, accelerator)
     x_comp = noisy_latents(b.comp, noise_comp, sigma)
     x_fg = noisy_latents(b.fg, noise_fg, sigma)
     dtype = b.fill_cond.dtype
@@ -109,12 +114,14 @@ def real_loss(model, phi, b, cfg: TrainConfig, device, noise_mode: str) -> tuple
     return loss, parts
 
 
-def reg_loss(model, phi, b, cfg: TrainConfig, device, noise_mode: str) -> tuple[torch.Tensor, dict[str, float]]:
+def reg_loss(
+    model, phi, b, cfg: TrainConfig, device, noise_mode: str, accelerator=None
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 9 + 0.1·L_comp: composite branch clean at sigma_C = 0, foreground branch noised at sigma."""
     sigma, weight = sample_sigmas(
-        b.comp.shape[0], cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, device
+        b.comp.shape[0], cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, device, accelerator
     )
-    _, noise_fg = draw_noise(b.fg, noise_mode)  # same number of draws in both noise modes' fg stream
+    _, noise_fg = draw_noise(b.fg, noise_mode, accelerator)  # same number of draws in both noise modes' fg stream
     x_fg = noisy_latents(b.fg, noise_fg, sigma)
     sigma_comp = torch.zeros_like(sigma)  # the paper's "t = 0": the clean composite latent
     dtype = b.fill_cond.dtype
@@ -138,7 +145,12 @@ def reg_loss(model, phi, b, cfg: TrainConfig, device, noise_mode: str) -> tuple[
 
 
 def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None = None) -> TrainResult:
-    # Each phase leaves the other phase's parameters without gradients: DDP must be told.
+    # DDP and the alternating phases: DDP registers (and all-reduces) only the parameters that require grad when
+    # `prepare` wraps the model, so the union of both phases' parameters is made trainable before it (below). In a
+    # step, the other phase's parameters are switched off (requires_grad False): they are not in the autograd graph,
+    # so without find_unused_parameters DDP would wait forever for their gradients ("Expected to have finished
+    # reduction"). With it, DDP marks them unused; a parameter unused on every process keeps grad None after the
+    # all-reduce (it is not given a zero gradient), so AdamW skips it: no weight decay, no momentum step off-phase.
     accelerator = make_accelerator(cfg, [DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(cfg.seed)
     device, dtype = accelerator.device, weight_dtype(cfg)
@@ -164,9 +176,11 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     model = load_dual_model(cfg, device, dtype)
     noise_mode = model.config.noise
     phase_groups = {k: v if cfg.train_joint else v - {"joint"} for k, v in PHASE_GROUPS.items()}
-    params = set_phase_trainable(model, phase_groups["real"] | phase_groups["reg"])
+    all_groups = phase_groups["real"] | phase_groups["reg"]
     phase_params = {phase: set_phase_trainable(model, groups) for phase, groups in phase_groups.items()}
     logger.info("trainable: %s", {k: f"{sum(p.numel() for p in v) / 1e6:.2f} M" for k, v in phase_params.items()})
+    params = set_phase_trainable(model, all_groups)  # last before prepare: DDP registers both phases' parameters
+    named = named_trainables(model, all_groups)
     phi = load_frozen_phi(cfg.phi, device, dtype)
     optimizer = make_optimizer(params, cfg)  # one optimiser; a phase's step skips parameters whose grad is None
     lr_scheduler = make_lr_scheduler(optimizer, cfg, accelerator)
@@ -180,6 +194,8 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     resume = resolve_resume(cfg)
     if resume is not None:
         global_step = load_checkpoint(accelerator, resume)["global_step"]
+    if cfg.debug_rank_sync:
+        check_rank_sync(accelerator, named, global_step, out)
     done = phase_batches_done(global_step)
     batches = {
         phase: iter(
@@ -211,7 +227,7 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
         for _ in range(cfg.gradient_accumulation_steps):
             b = encode_batch(next(batches[phase]), encoder, texts, cfg, device, dtype, surrogate=phase == "real")
             with accelerator.accumulate(model):
-                loss, parts = losses_fn[phase](model, phi, b, cfg, device, noise_mode)
+                loss, parts = losses_fn[phase](model, phi, b, cfg, device, noise_mode, accelerator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(phase_params[phase], cfg.max_grad_norm)
@@ -224,6 +240,8 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
         bar.update(1)
         bar.set_postfix(phase=phase, loss=f"{step_loss:.4f}")
         metrics.log(global_step, {f"loss_{phase}_total": step_loss, **parts, "lr": lr_scheduler.get_last_lr()[0]})
+        if cfg.debug_rank_sync:
+            check_rank_sync(accelerator, named, global_step, out)
         if callback is not None:
             callback(global_step, {"phase": phase, "loss": step_loss, **parts}, unwrapped)
         if global_step % cfg.log_steps == 0:
