@@ -142,7 +142,11 @@ class PatchedModel:
 
     def load(self) -> torch.nn.Module:
         """Ask ComfyUI's memory management to put the model on the compute device (offloading others if needed)."""
-        comfy.model_management.load_models_gpu([self.patcher])
+        # force_full_load: ComfyUI's partial loading moves only modules whose parameters are all their own and casts
+        # only comfy.ops layers on the fly. The BFS Linears carry per-branch adapter children, so a partial load would
+        # leave them on the CPU and fail later with a device mismatch: the model is loaded whole (freeing other models
+        # first), or fails plainly with out-of-memory.
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
         return self.patcher.model.inner
 
 
