@@ -199,6 +199,32 @@ def _move_toy(models, device=None, dtype=None):
     rgba.to(device=device, dtype=dtype)
 
 
+# -- the headless CLI's Flux VAE and text encoders (load_pipeline) ----------------------------------------------------
+def _build_flux_vae(dtype):
+    from diffusers import AutoencoderKL
+
+    from bfs_core.pipeline import DiffusersFluxVAE
+
+    return DiffusersFluxVAE(AutoencoderKL.from_pretrained(TINY["vae"], torch_dtype=dtype, local_files_only=True))
+
+
+def _run_flux_vae(codec, device, dtype):
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    latent = codec.encode_images(image)
+    return latent, codec.decode_latents(latent)
+
+
+def _build_text_encoders(dtype):
+    from bfs_core.text_encoders import FluxTextEncoders
+
+    return FluxTextEncoders.from_pretrained(TINY["text_encoders"], torch_dtype=dtype, device="cpu")
+
+
+def _run_text_encoders(encoders, device, dtype):
+    # The tokenizers make their ids on the CPU: `encode` must bring them to the encoders' device.
+    return encoders.encode(["a ceramic vase on a table"], max_sequence_length=32)
+
+
 CASES: dict[str, Case] = {
     "bfs official .pt on diffusers folder": _bfs_case("diffusers", "bfs_official_pt"),
     "bfs release safetensors": _bfs_case("diffusers", "bfs_release"),
@@ -215,6 +241,8 @@ CASES: dict[str, Case] = {
     "rgba release transparency VAE file": _rgba_case("rgba_bfs_release_single"),
     "rgba LayerDiffuse TransparentVAE .pth": _rgba_case("rgba_layerdiffuse_pth"),
     "toy models": Case(_build_toy, _run_toy),
+    "flux vae (headless codec)": Case(_build_flux_vae, _run_flux_vae),
+    "text encoders (headless)": Case(_build_text_encoders, _run_text_encoders),
 }
 TINY: dict[str, str] = {}
 
@@ -230,6 +258,9 @@ def _tiny_paths(tiny):
 def _move(model, device=None, dtype=None):
     if isinstance(model, tuple):
         _move_toy(model, device, dtype)
+    elif not isinstance(model, torch.nn.Module) and not hasattr(model, "to"):
+        for module in _modules(model):
+            module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
     else:
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
@@ -238,6 +269,8 @@ def _modules(model) -> list[torch.nn.Module]:
     if isinstance(model, tuple):
         pipe, rgba = model
         return [pipe.model, pipe.codec.vae, getattr(rgba, "vae", rgba)]
+    if hasattr(model, "text_encoder_2"):
+        return [model.text_encoder, model.text_encoder_2]
     return [getattr(model, "vae", model)]
 
 
