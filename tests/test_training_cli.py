@@ -93,6 +93,46 @@ def test_bad_samples_are_reported_by_name_and_skipped(tmp_path, caplog):
     assert "no_alpha" in caplog.text
 
 
+def _red_square_sample(folder, width, height, box, with_mask):
+    """A width × height pair whose composite is grey with a red square exactly at `box`."""
+    import numpy as np
+
+    x0, y0, x1, y1 = box
+    comp = np.full((height, width, 3), 128, np.uint8)
+    comp[y0:y1, x0:x1] = (255, 0, 0)
+    Image.fromarray(comp).save(folder / "comp.png")
+    Image.new("RGB", (width, height), (128, 128, 128)).save(folder / "bg.png")
+    row = {"name": "s", "composite": "comp.png", "background": "bg.png", "caption": "a red square"}
+    if with_mask:
+        mask = np.zeros((height, width), np.uint8)
+        mask[y0:y1, x0:x1] = 255
+        Image.fromarray(mask).save(folder / "mask.png")
+        row["mask"] = "mask.png"
+    else:
+        row["box"] = list(box)
+    (folder / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["box", "mask"])
+@pytest.mark.parametrize("size", [(256, 128), (96, 192)], ids=["wide", "tall"])
+def test_non_square_images_keep_their_aspect_and_the_box_its_object(tmp_path, size, with_mask):
+    width, height = size
+    # A 32 px red square near the far end of the long side: outside the centred square crop.
+    box = (width - 40, 40, width - 8, 72) if width > height else (24, height - 40, 56, height - 8)
+    _red_square_sample(tmp_path, width, height, box, with_mask)
+    item = ManifestDataset(tmp_path, "pair", resolution=64)[0]
+    comp, mask = item["composite"], item["mask"][0]
+    assert comp.shape == (3, 64, 64) and mask.shape == (64, 64)
+    red = (comp[0] > 0.75) & (comp[1] < 0.25)
+    ys, xs = red.nonzero(as_tuple=True)
+    assert red.sum() > 0, "the object was cropped away"
+    side = 32 * 64 / min(width, height)  # the square is scaled by resolution / short side, in both directions
+    assert abs((xs.max() - xs.min() + 1) - side) <= 2 and abs((ys.max() - ys.min() + 1) - side) <= 2  # still square
+    covered = mask.bool()
+    assert covered[red].all()  # the box still covers every object pixel
+    assert red[covered].float().mean() > 0.8  # and little else (bicubic edges aside)
+
+
 def test_yaml_echo_round_trips():
     from training.config import config_summary
 

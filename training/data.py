@@ -10,7 +10,9 @@ Kinds and their fields (paths relative to the folder; images any PIL-readable fo
 Every line is checked before training (files exist and decode their headers, RGBA has alpha, sizes agree, the box
 lies inside the image, the caption is non-empty). Bad lines are reported by name and skipped; a file that fails to
 decode later is reported and replaced by the next good sample, so an epoch never crashes on one bad file.
-Images are resized to `resolution` × `resolution` (bicubic; masks nearest); boxes are scaled with them.
+Images keep their aspect: each is cropped to a square (`square_window`: centred, moved just enough to hold the box,
+or the mask's extent, when that fits) and resized to `resolution` × `resolution` (bicubic; masks nearest); boxes
+are cropped and scaled with them, so a box covers the same object pixels as in the file.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from bfs_core.layer_math import alpha_blend, mask_from_box
+from bfs_core.layer_math import alpha_blend, box_from_mask, mask_from_box
 
 
 logger = logging.getLogger(__name__)
@@ -111,11 +113,45 @@ def read_manifest(root: str | Path, kind: str) -> tuple[list[dict], list[tuple[s
     return good, bad
 
 
-def load_image(path: Path, channels: int, resolution: int) -> torch.Tensor:
-    """Image file -> [C, resolution, resolution] float in [0, 1] (RGBA resized premultiplied, so no dark fringes)."""
+def _hold(start: int, lo: int, hi: int, side: int, length: int) -> int:
+    """Start of a `side`-long window in [0, length): `start`, moved as little as possible to hold [lo, hi)."""
+    if hi - lo <= side:
+        start = min(max(start, hi - side), lo)
+    else:  # the region is longer than the window: centre on it
+        start = (lo + hi) // 2 - side // 2
+    return min(max(start, 0), length - side)
+
+
+def square_window(width: int, height: int, region: tuple[int, int, int, int] | None = None) -> tuple[int, int, int]:
+    """(left, top, side) of the square crop of a width × height image: centred, then moved just enough to hold
+    `region` [x0, y0, x1, y1] (the box or the mask's extent) when it fits, else centred on it."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    if region is not None:
+        x0, y0, x1, y1 = region
+        left, top = _hold(left, x0, x1, side, width), _hold(top, y0, y1, side, height)
+    return left, top, side
+
+
+def crop_box(box: list[int], window: tuple[int, int, int], resolution: int) -> list[int]:
+    """A box [x0, y0, x1, y1] in file pixels -> the same pixels in the cropped, resized [resolution]² image."""
+    left, top, side = window
+    scale = resolution / side
+    x0, y0, x1, y1 = ((v - o) * scale for v, o in zip(box, (left, top, left, top)))
+    return [min(max(round(v), 0), resolution) for v in (x0, y0, x1, y1)]
+
+
+def load_image(path: Path, channels: int, resolution: int, window: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Image file -> [C, resolution, resolution] float in [0, 1] (RGBA resized premultiplied, so no dark fringes).
+
+    `window` (left, top, side): the square to crop first; default the centred one (`square_window`)."""
     with Image.open(path) as img:
         array = np.asarray(img.convert({1: "L", 3: "RGB", 4: "RGBA"}[channels]), dtype=np.float32) / 255.0
-    x = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], channels)).permute(2, 0, 1)  # HWC -> CHW
+    array = array.reshape(array.shape[0], array.shape[1], channels)
+    left, top, side = window or square_window(array.shape[1], array.shape[0])
+    if top + side > array.shape[0] or left + side > array.shape[1]:
+        raise ValueError(f"{path.name} is {array.shape[1]}x{array.shape[0]}, smaller than its sample's other images.")
+    x = torch.from_numpy(np.ascontiguousarray(array[top : top + side, left : left + side])).permute(2, 0, 1)
     if x.shape[-2:] == (resolution, resolution):
         return x
     if channels == 1:
@@ -141,26 +177,36 @@ class ManifestDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def _window(self, entry: dict) -> tuple[int, int, int]:
+        """One square crop for all images of a sample, holding its box (or its mask's extent) when that fits."""
+        with Image.open(self.root / entry["background"]) as img:
+            width, height = img.size
+        region = entry.get("box")
+        if entry.get("mask") and width != height:
+            with Image.open(self.root / entry["mask"]) as img:
+                mask = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+            region = box_from_mask(mask) if (mask >= 0.5).any() else region
+        return square_window(width, height, region)
+
     def _load(self, entry: dict) -> dict:
         res, root = self.resolution, self.root
         item = {"name": entry["name"]}
-        if "foreground" in REQUIRED[self.kind]:
+        if self.kind == "phi":  # foreground and background may differ in size: each is centre-cropped
             item["foreground"] = load_image(root / entry["foreground"], 4, res)
-        item["background"] = load_image(root / entry["background"], 3, res)
-        if self.kind == "phi":
+            item["background"] = load_image(root / entry["background"], 3, res)
             fg = item["foreground"]
             item["composite"] = alpha_blend(fg[:3], fg[3:], item["background"])  # eq. (1)
             return item
-        item["composite"] = load_image(root / entry["composite"], 3, res)
+        window = self._window(entry)
+        if "foreground" in REQUIRED[self.kind]:
+            item["foreground"] = load_image(root / entry["foreground"], 4, res, window)
+        item["background"] = load_image(root / entry["background"], 3, res, window)
+        item["composite"] = load_image(root / entry["composite"], 3, res, window)
         item["caption"] = entry["caption"]
         if entry.get("mask"):
-            item["mask"] = (load_image(root / entry["mask"], 1, res) >= 0.5).float()
+            item["mask"] = (load_image(root / entry["mask"], 1, res, window) >= 0.5).float()
         else:
-            with Image.open(root / entry["background"]) as img:
-                width, height = img.size
-            x0, y0, x1, y1 = entry["box"]
-            scaled = (x0 * res / width, y0 * res / height, x1 * res / width, y1 * res / height)
-            item["mask"] = mask_from_box([round(v) for v in scaled], res, res)[None]
+            item["mask"] = mask_from_box(crop_box(entry["box"], window, res), res, res)[None]
         return item
 
     def __getitem__(self, index: int) -> dict:
