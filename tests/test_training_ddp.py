@@ -6,6 +6,7 @@ BFS stage 1, stage 2 (L_real, L_reg, L_real) and the decomposition trainer for a
 (rank_sync.jsonl) and dumps process 0's trainables. One plain process then runs the same jobs with twice the batch.
 The tests check (a) both processes hold bit-identical trainables after every step and (b) the two-process run is
 the one-process run, step by step, within fp32 tolerance. This file is also the worker script the launch runs.
+FSDP and DeepSpeed cannot run on a CPU: their shipped configs are parsed and turned into accelerate's plugins.
 """
 
 from __future__ import annotations
@@ -172,6 +173,83 @@ def test_stage2_under_ddp_steps_only_the_phase_parameters(runs):
         changed = {parameter_group(n) for n in after if not torch.equal(after[n], before[n])}
         assert changed == groups[phase], f"step {step} ({phase}) changed {changed}"  # no off-phase decay/momentum
         before = after
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The shipped accelerate configs. FSDP and DeepSpeed cannot run on a CPU (training/README.md, "Multi-GPU"), so each
+# config is read by accelerate's own launcher code and turned into the plugin a launch would build from it.
+
+CONFIG_TYPES = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
+
+
+def _launch_args(name: str):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    path = ROOT / "training" / "accelerate" / f"{name}.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    return args, defaults
+
+
+@pytest.mark.parametrize("name", list(CONFIG_TYPES))
+def test_shipped_accelerate_config_parses(name):
+    args, defaults = _launch_args(name)
+    assert defaults.distributed_type.value == CONFIG_TYPES[name]
+    assert args.mixed_precision == "bf16" and args.num_machines == 1
+    assert args.num_processes == (1 if name == "single_gpu" else 4)
+
+
+def _tiny_dual_model(preset: str):
+    from diffusers import FluxTransformer2DModel
+
+    from bfs_core.models.dual_flux import DualBranchConfig, DualBranchFlux
+    from training.tiny import TINY_BFS, TINY_FLUX
+
+    config = DualBranchConfig(**{**DualBranchConfig.preset(preset).__dict__, **TINY_BFS})
+    return DualBranchFlux(FluxTransformer2DModel(**TINY_FLUX), config)
+
+
+def test_fsdp_config_builds_its_plugin_and_wraps_the_patched_blocks(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args, _ = _launch_args("fsdp")
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true"
+    # sync_module_states makes the plugin pick the current accelerator device; a CPU has none (why FSDP is not run).
+    env["FSDP_SYNC_MODULE_STATES"] = "false"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 1 and plugin.use_orig_params  # frozen and trainable parameters share a block
+    assert "FULL_SHARD" in str(plugin.sharding_strategy) and "FULL_STATE_DICT" in str(plugin.state_dict_type)
+    names = plugin.transformer_cls_names_to_wrap
+    assert names == ["FluxTransformerBlock", "DualSingleBlock"]
+    # The wrap classes are the patched model's blocks (FSDP stops with "Could not find the transformer layer class"
+    # otherwise): the paper preset's double blocks stay diffusers' class; the release preset patches them.
+    paper = _tiny_dual_model("paper").transformer
+    assert all(get_module_class_from_name(paper, n) is not None for n in names)
+    release = _tiny_dual_model("release").transformer
+    assert get_module_class_from_name(release, "DualDoubleBlock") is not None
+    assert get_module_class_from_name(release, "DualSingleBlock") is not None
+
+
+def test_deepspeed_config_builds_its_plugin(monkeypatch):
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args, defaults = _launch_args("deepspeed_zero2")
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as `launch_command` sets
+    _, env = prepare_deepspeed_cmd_env(args)
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plugin = DeepSpeedPlugin()
+    assert plugin.zero_stage == 2
+    zero = plugin.deepspeed_config["zero_optimization"]
+    assert zero["stage"] == 2 and zero["offload_optimizer"]["device"] == "none"
+    assert plugin.deepspeed_config["gradient_clipping"] == 1.0
 
 
 if __name__ == "__main__":
