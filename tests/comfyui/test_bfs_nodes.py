@@ -135,6 +135,29 @@ def test_bg2fg_decode_save_layers(comfy, models):
     assert [layer.name for layer in psd] == ["Background", "cube"] and psd.size == (WIDTH, HEIGHT)
 
 
+def test_sampler_region_is_the_drawn_masks_bounding_box(comfy, models):
+    """The paper's region rule inside ComfyUI: an L-shaped MASK (core SolidMask + MaskComposite) reaches BG2FG
+    Sample, whose `region` output must be exactly the L's bounding box (last row / column exclusive)."""
+    g = {k: v for k, v in graph(models, steps=1).items() if k in ("bg", "model", "vae", "text", "sample")}
+    g["empty"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": WIDTH, "height": HEIGHT}}
+    g["bar"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 10, "height": 40}}  # x 40..49, y 30..69
+    g["foot"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 50, "height": 10}}  # x 40..89, y 60..69
+    g["l1"] = {"class_type": "MaskComposite", "inputs": {"destination": ["empty", 0], "source": ["bar", 0], "x": 40,
+                                                         "y": 30, "operation": "add"}}  # fmt: skip
+    g["l2"] = {"class_type": "MaskComposite", "inputs": {"destination": ["l1", 0], "source": ["foot", 0], "x": 40,
+                                                         "y": 60, "operation": "add"}}  # fmt: skip
+    g["sample"]["inputs"]["mask"] = ["l2", 0]
+    g["region_image"] = {"class_type": "MaskToImage", "inputs": {"mask": ["sample", 2]}}
+    g["save_region"] = {"class_type": "SaveImage", "inputs": {"images": ["region_image", 0], "filename_prefix":
+                                                              "t/region"}}  # fmt: skip
+    result = comfy.run(g, timeout=300)
+    assert result.ok, result.error
+    region = np.asarray(Image.open(comfy.file_path(result.files("save_region")[0])).convert("L"))
+    expected = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    expected[30:70, 40:90] = 255  # the box: rows 30..69, columns 40..89
+    assert region.shape == expected.shape and (region == expected).all()
+
+
 def test_three_additions_by_chaining(comfy, models):
     g = graph(models)
     boxes = [(5, 40, 50, 105), (55, 20, 100, 100), (105, 50, 145, 108)]
