@@ -9,11 +9,12 @@ from typing_extensions import override
 
 from ..bfs_core.models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config
 from ..bfs_core.models.layer_decomposition import (
+    DEFAULT_SHORT_SIDE,
     DecompositionPipeline,
     apply_decomposition_weights,
 )
 from .common import ComfyFluxVAE, PatchedModel, flux_text, image_from_core, image_to_core, mask_to_core, progress
-from .loaders import RGBA_VAE, WeightDtype
+from .loaders import RGBA_VAE, WeightDtype, check_model_file
 
 
 DECOMPOSITION_MODEL = io.Custom("BFS_DECOMPOSITION_MODEL")
@@ -41,12 +42,17 @@ class LoadDecomposition(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
+    def validate_inputs(cls, base_model, weights) -> bool | str:
+        ok = check_model_file("diffusion_models", base_model, "base_model")
+        return check_model_file("bfs", weights, "weights") if ok is True else ok
+
+    @classmethod
     def execute(cls, base_model, weights, weight_dtype) -> io.NodeOutput:
         dtype = torch.float32 if WeightDtype(weight_dtype) == WeightDtype.FP32 else torch.bfloat16
         base_path = folder_paths.get_full_path_or_raise("diffusion_models", base_model)
         weights_path = folder_paths.get_full_path_or_raise("bfs", weights)
-        transformer = load_flux_fill_transformer(base_path, torch_dtype=dtype, device="cpu")
-        model = apply_decomposition_weights(transformer, weights_path)
+        transformer = load_flux_fill_transformer(base_path, torch_dtype=dtype, device="cpu", name="base_model")
+        model = apply_decomposition_weights(transformer, weights_path, name="weights")
         scheduler = load_shipped_config("flux_fill_scheduler")
         return io.NodeOutput(PatchedModel.wrap(model, scheduler, f"{base_model} + {weights}"))
 
@@ -75,7 +81,7 @@ class DecomposeLayers(io.ComfyNode):
                 io.Int.Input("steps", default=28, min=1, max=200, tooltip="Euler steps."),
                 io.Float.Input("guidance", default=30.0, min=0.0, max=100.0, step=0.5,
                                tooltip="Flux-Fill distilled guidance."),
-                io.Int.Input("short_side", default=1024, min=0, max=4096, step=64,
+                io.Int.Input("short_side", default=DEFAULT_SHORT_SIDE, min=0, max=4096, step=64,
                              tooltip="Processing size (short side, never upscaled; 0 = input size). The background "
                                      "keeps the input's own pixels outside the mask; the layers are mapped back."),
             ],

@@ -11,6 +11,7 @@ import torch
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
+from ..bfs_core.errors import UserInputError, open_safetensors, sniff_file
 from ..bfs_core.models.bfs_checkpoint import load_bfs
 from ..bfs_core.models.dual_flux import store_weights_in_fp8
 from ..bfs_core.models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config
@@ -21,6 +22,25 @@ from .common import PatchedModel
 BFS_MODEL = io.Custom("BFS_MODEL")
 RGBA_VAE = io.Custom("BFS_RGBA_VAE")
 CATEGORY = "BFS/loaders"
+
+
+def check_model_file(folder: str, filename: str, input_name: str) -> bool | str:
+    """For `validate_inputs`: True, or why the file picked for `input_name` cannot be loaded (not in the folder any
+    more, empty, a broken `.safetensors` header), so the graph is refused when queued rather than minutes later."""
+    path = folder_paths.get_full_path(folder, filename) if isinstance(filename, str) else None
+    if path is None or not os.path.isfile(path):
+        searched = ", ".join(folder_paths.get_folder_paths(folder)) or f"models/{folder}"
+        return (f"`{input_name}`: {filename!r} is not in models/{folder} (searched {searched}). Put the file there, "
+                "then press R in ComfyUI to refresh the lists.")  # fmt: skip
+    try:
+        if path.lower().endswith((".safetensors", ".sft")):
+            with open_safetensors(path, input_name) as f:
+                f.metadata()
+        elif (found := sniff_file(path)) is not None and "PyTorch" not in found:  # empty, an image, HTML, ...
+            return f"`{input_name}` file {path!r} is not a weights file ({found}): re-download it."
+    except UserInputError as err:
+        return str(err)
+    return True
 
 
 class WeightDtype(str, Enum):
@@ -52,13 +72,18 @@ class LoadBFS(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
+    def validate_inputs(cls, base_model, bfs_weights) -> bool | str:
+        ok = check_model_file("diffusion_models", base_model, "base_model")
+        return check_model_file("bfs", bfs_weights, "bfs_weights") if ok is True else ok
+
+    @classmethod
     def execute(cls, base_model, bfs_weights, weight_dtype) -> io.NodeOutput:
         weight_dtype = WeightDtype(weight_dtype)
         compute = torch.float32 if weight_dtype == WeightDtype.FP32 else torch.bfloat16
         base_path = folder_paths.get_full_path_or_raise("diffusion_models", base_model)
         bfs_path = folder_paths.get_full_path_or_raise("bfs", bfs_weights)
-        transformer = load_flux_fill_transformer(base_path, torch_dtype=compute, device="cpu")
-        dual = load_bfs(transformer, bfs_path)
+        transformer = load_flux_fill_transformer(base_path, torch_dtype=compute, device="cpu", name="base_model")
+        dual = load_bfs(transformer, bfs_path, name="bfs_weights")
         if weight_dtype == WeightDtype.FP8:
             store_weights_in_fp8(transformer, compute_dtype=compute)
         model = PatchedModel.wrap(dual, load_shipped_config("flux_fill_scheduler"), f"{base_model} + {bfs_weights}")
@@ -94,9 +119,13 @@ class LoadRGBAVAE(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
+    def validate_inputs(cls, rgba_vae) -> bool | str:
+        return check_model_file("bfs", rgba_vae, "rgba_vae")
+
+    @classmethod
     def execute(cls, rgba_vae) -> io.NodeOutput:
         device = comfy.model_management.get_torch_device()
-        return io.NodeOutput(load_rgba_decoder(_rgba_vae_path(rgba_vae), device=device))
+        return io.NodeOutput(load_rgba_decoder(_rgba_vae_path(rgba_vae), device=device, name="rgba_vae"))
 
 
 class LoaderNodes(ComfyExtension):

@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from ..bfs_core.pipeline import DiffusersFluxVAE
 from ..bfs_core.toy.demo import background_image
-from ..bfs_core.toy.models import check_toy_weights, encode_toy_prompt, load_toy
+from ..bfs_core.toy.models import encode_toy_prompt, load_toy
 from ..bfs_core.toy.world import COLOURS, SHAPES, SIZE, vocabulary
 from .common import PatchedModel, image_from_core, normalized_from_raw, raw_from_normalized
 from .loaders import BFS_MODEL, RGBA_VAE
@@ -76,14 +76,6 @@ class LoadToyModel(io.ComfyNode):
                 TOY_TEXT_ENCODER.Output(display_name="text_encoder", tooltip="For Toy Text Encode."),
             ],
         )  # fmt: skip
-
-    @classmethod
-    def validate_inputs(cls) -> bool | str:
-        try:  # the shipped files are checked when the graph is queued: a damaged install is reported at once
-            check_toy_weights()
-        except ValueError as err:
-            return str(err)
-        return True
 
     @classmethod
     def execute(cls) -> io.NodeOutput:

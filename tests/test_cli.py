@@ -77,3 +77,110 @@ def test_requirements_txt_matches_pyproject():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     listed = [line for line in (REPO / "requirements.txt").read_text().splitlines() if line and line[0] != "#"]
     assert listed == [d for d in deps if not d.startswith("torch")]
+
+
+def _recording_loader(monkeypatch) -> list:
+    """Wrap load_rgba_decoder so a test sees every decoder the CLI builds."""
+    import bfs_core.models.rgba_vae as rgba_vae
+
+    built, original = [], rgba_vae.load_rgba_decoder
+
+    def load(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(rgba_vae, "load_rgba_decoder", load)
+    return built
+
+
+@pytest.mark.parametrize("fmt", ["rgba_bfs_release_folder", "rgba_layerdiffuse_safetensors"])
+def test_rgba_decode_honours_dtype(tiny, tmp_path, monkeypatch, fmt):
+    """--dtype bf16: the decoder's weights are bf16 and it computes in bf16 (issue 11: it was always fp32)."""
+    from PIL import Image
+
+    from bfs_core.__main__ import main
+    from bfs_core.models.rgba_vae import save_latent_file
+
+    built = _recording_loader(monkeypatch)
+    z = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    latent = save_latent_file(tmp_path / "z.safetensors", z)
+    Image.new("RGB", (32, 32), (90, 120, 200)).save(tmp_path / "rgb.png")
+    argv = ["rgba-decode", "--vae", str(tiny[fmt]), "--latent", str(latent), "--rgb", str(tmp_path / "rgb.png"),
+            "--no-tta", "--out", str(tmp_path / "fg.png"), "--dtype", "bf16"]  # fmt: skip
+    assert main(argv) == 0
+    decoder = built[0]
+    net = decoder.vae if hasattr(decoder, "vae") else decoder
+    dtypes = {p.dtype for p in net.parameters()}
+    assert dtypes == {torch.bfloat16}, dtypes
+    assert Image.open(tmp_path / "fg.png").size == (32, 32)
+
+
+def test_rgba_decode_computes_in_the_requested_dtype(tiny, tmp_path, monkeypatch):
+    from bfs_core.__main__ import main
+    from bfs_core.models.rgba_vae import save_latent_file
+
+    built = _recording_loader(monkeypatch)
+    seen = []
+    import diffusers
+
+    original = diffusers.AutoencoderKL.decode
+
+    def decode(self, z, *args, **kwargs):
+        out = original(self, z, *args, **kwargs)
+        seen.append((z.dtype, out.sample.dtype))
+        return out
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "decode", decode)
+    latent = save_latent_file(tmp_path / "z.safetensors", torch.zeros(1, 16, 4, 4))
+    for dtype, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        seen.clear()
+        argv = ["rgba-decode", "--vae", str(tiny["rgba_bfs_release_folder"]), "--latent", str(latent), "--out",
+                str(tmp_path / f"fg_{dtype}.png"), "--dtype", dtype]  # fmt: skip
+        assert main(argv) == 0
+        assert seen == [(expected, expected)], (dtype, seen)
+    assert len(built) == 2
+
+
+def test_decomposition_short_side_default_is_one_constant(tiny, tmp_path, monkeypatch):
+    """CLI, pipeline, node and training config agree on the paper's 1024 (issue 11: the CLI and pipeline had 512)."""
+    import ast
+    import inspect
+
+    import yaml
+    from PIL import Image
+
+    from bfs_core.__main__ import main
+    from bfs_core.models.layer_decomposition import DEFAULT_SHORT_SIDE, DecompositionPipeline
+
+    assert DEFAULT_SHORT_SIDE == 1024
+    assert inspect.signature(DecompositionPipeline.decompose).parameters["short_side"].default == DEFAULT_SHORT_SIDE
+    config = yaml.safe_load((REPO / "training" / "configs" / "decompose.yaml").read_text())
+    assert config["resolution"] == DEFAULT_SHORT_SIDE
+    node_source = ast.parse((REPO / "nodes" / "decompose.py").read_text())
+    calls = [c for c in ast.walk(node_source) if isinstance(c, ast.Call) and c.args]
+    node_defaults = [kw.value for c in calls if isinstance(c.args[0], ast.Constant) and c.args[0].value == "short_side"
+                     for kw in c.keywords if kw.arg == "default"]  # fmt: skip
+    assert len(node_defaults) == 1 and isinstance(node_defaults[0], ast.Name)
+    assert node_defaults[0].id == "DEFAULT_SHORT_SIDE"
+
+    received = []
+
+    class Stop(BaseException):  # not an Exception: main() does not turn it into an exit code
+        pass
+
+    def decompose(self, *args, short_side, **kwargs):
+        received.append(short_side)
+        raise Stop
+
+    monkeypatch.setattr(DecompositionPipeline, "decompose", decompose)
+    Image.new("RGB", (40, 32), (90, 120, 200)).save(tmp_path / "image.png")
+    Image.new("L", (40, 32), 255).save(tmp_path / "mask.png")
+    argv = ["decompose", "--base", str(tiny["bfl_bf16"]), "--weights", str(tiny["decomposition"]), "--vae",
+            str(tiny["vae"]), "--rgba-vae", str(tiny["rgba_bfs_release_folder"]), "--text-encoders",
+            str(tiny["text_encoders"]), "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"),
+            "--dtype", "fp32", "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(Stop):
+        main(argv)
+    with pytest.raises(Stop):
+        main([*argv, "--short-side", "256"])
+    assert received == [DEFAULT_SHORT_SIDE, 256]

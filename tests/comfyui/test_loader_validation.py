@@ -1,0 +1,87 @@
+"""The loaders' `validate_inputs` on a real ComfyUI server: a missing, truncated or empty model file is reported when
+the graph is queued (HTTP 400, `custom_validation_failed` naming the input), not minutes later while it runs.
+
+Each bad file is written into the server's model folders by the test (ComfyUI rescans a folder whose mtime changed).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .comfy_client import PromptRejected
+from .test_bfs_nodes import flux_vae, graph, models  # noqa: F401  (the fixtures are shared)
+
+
+def _truncate_into(src, dst):
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+    return dst.name
+
+
+def _decomposition_graph(m, base, weights) -> dict:
+    g = graph(m)
+    g = {k: g[k] for k in ("bg", "box", "vae", "text", "rgba_vae")}
+    g["model"] = {"class_type": "BFSLoadDecomposition", "inputs": {"base_model": base, "weights": weights,
+                                                                   "weight_dtype": "fp32"}}  # fmt: skip
+    g["decompose"] = {"class_type": "BFSDecomposeLayers", "inputs": {
+        "decomposition_model": ["model", 0], "image": ["bg", 0], "mask": ["box", 0], "positive": ["text", 0],
+        "vae": ["vae", 0], "rgba_vae": ["rgba_vae", 0], "seed": 0, "steps": 1, "guidance": 30.0,
+        "short_side": 512}}  # fmt: skip
+    g["save_fg"] = {"class_type": "SaveImage", "inputs": {"images": ["decompose", 0], "filename_prefix": "t/v"}}
+    return g
+
+
+@pytest.fixture(scope="module")
+def bad_files(comfy_models, comfy_tiny_models) -> dict[str, str]:
+    tiny = comfy_tiny_models
+    names = {
+        "base_truncated": _truncate_into(tiny["bfl_bf16"].path,
+                                         comfy_models / "diffusion_models" / "fill-cut.safetensors"),
+        "bfs_truncated": _truncate_into(tiny["bfs_release"].path, comfy_models / "bfs" / "bfs-cut.safetensors"),
+        "decomposition_truncated": _truncate_into(tiny["decomposition"].path,
+                                                  comfy_models / "bfs" / "decomposition-cut.safetensors"),
+    }  # fmt: skip
+    (comfy_models / "bfs" / "TransparentVAE_empty.pth").write_bytes(b"")
+    names["rgba_empty"] = "TransparentVAE_empty.pth"
+    return names
+
+
+CASES = [
+    # (id, node key in the graph, change, expected fragment)
+    ("bfs-missing", "model", lambda m, b: graph(m, bfs="gone.safetensors"), "`bfs_weights`: 'gone.safetensors' is not "
+     "in models/bfs"),
+    ("bfs-truncated", "model", lambda m, b: graph(m, bfs=b["bfs_truncated"]), "`bfs_weights` file"),
+    ("base-missing", "model", lambda m, b: graph(m, base="gone-fill.safetensors"), "`base_model`: 'gone-fill"),
+    ("base-truncated", "model", lambda m, b: graph(m, base=b["base_truncated"]), "not a complete safetensors file"),
+    ("rgba-missing", "rgba_vae", lambda m, b: graph(m, rgba="gone.pth"), "`rgba_vae`: 'gone.pth' is not in "
+     "models/bfs"),
+    ("rgba-empty", "rgba_vae", lambda m, b: graph(m, rgba=b["rgba_empty"]), "(the file is empty)"),
+    ("decomposition-missing", "model", lambda m, b: _decomposition_graph(m, m["fill"], "gone.safetensors"),
+     "`weights`: 'gone.safetensors' is not in models/bfs"),
+    ("decomposition-truncated", "model", lambda m, b: _decomposition_graph(m, m["fill"], b["decomposition_truncated"]),
+     "not a complete safetensors file"),
+    ("decomposition-base-missing", "model",
+     lambda m, b: _decomposition_graph(m, "gone.safetensors", m["decomposition"]), "`base_model`: 'gone.safetensors'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("node", "make", "fragment"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_a_bad_model_file_is_refused_when_queued(comfy, models, bad_files, node, make, fragment):  # noqa: F811
+    with pytest.raises(PromptRejected) as rejected:
+        comfy.queue_prompt(make(models, bad_files))
+    errors = rejected.value.node_errors[node]["errors"]  # ComfyUI files one error per validated input
+    assert {e["type"] for e in errors} == {"custom_validation_failed"}, errors
+    assert all(fragment in e["details"] for e in errors), errors
+    assert not comfy.queue()["queue_pending"]  # nothing was queued
+
+
+def test_good_files_still_validate_and_run(comfy, models, bad_files):  # noqa: F811
+    """The same graphs with the good files are accepted (validate_inputs returns True) and run."""
+    result = comfy.run(graph(models, prefix="t/validated"), timeout=300)
+    assert result.ok, result.error
+    toy = {"toy": {"class_type": "BFSLoadToyModel", "inputs": {}},
+           "bg": {"class_type": "BFSToyBackground", "inputs": {"seed": 3}},
+           "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["bg", 0], "vae": ["toy", 1]}},
+           "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["enc", 0], "vae": ["toy", 1]}},
+           "preview": {"class_type": "PreviewImage", "inputs": {"images": ["dec", 0]}}}  # fmt: skip
+    assert comfy.run(toy, timeout=120).ok  # no file inputs: nothing to check at queue time, and it still runs
