@@ -85,3 +85,23 @@ def test_good_files_still_validate_and_run(comfy, models, bad_files):  # noqa: F
            "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["enc", 0], "vae": ["toy", 1]}},
            "preview": {"class_type": "PreviewImage", "inputs": {"images": ["dec", 0]}}}  # fmt: skip
     assert comfy.run(toy, timeout=120).ok  # no file inputs: nothing to check at queue time, and it still runs
+
+
+def test_an_sd_vae_as_the_flux_vae_is_named(comfy, models, comfy_models):  # noqa: F811
+    """An SD1.5-style VAE (4 latent channels) loaded by the stock Load VAE and wired into BG2FG Sample."""
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    path = comfy_models / "vae" / "sd15_vae_random.safetensors"
+    if not path.exists():
+        torch.manual_seed(0)
+        vae = AutoencoderKL(latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in vae.state_dict().items()}, str(path))
+    g = graph(models, prefix="t/sdvae")
+    g["vae"]["inputs"]["vae_name"] = path.name
+    result = comfy.run(g, timeout=300)
+    assert result.status == "error" and result.error.node_type == "BFSBG2FGSample", result.error
+    assert "`vae` must be the Flux VAE (16 latent channels" in result.error.exception_message
+    assert "but has 4 latent channels" in result.error.exception_message
