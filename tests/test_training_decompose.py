@@ -126,3 +126,49 @@ def test_two_steps_checkpoint_is_the_trainable_set_and_loads_in_the_node_loader(
                                          result.weights)  # fmt: skip
     for name in trainable:
         assert torch.equal(loaded.get_parameter(name), model.get_parameter(name).detach())
+
+
+def test_trainer_contexts_are_the_masked_images():
+    """The decomposition trainer's condition: background context = the composite with the object blanked + mask,
+    foreground context = the composite inside the mask only + mask (hand-built tensors, a recording encoder)."""
+    from bfs_core.sampling.flow_match import fill_condition
+
+    class RecordingEncoder:
+        def __init__(self):
+            self.rgb_inputs = []
+
+        @staticmethod
+        def latent(images):  # [N, C, 16, 16] -> [N, 16, 2, 2]: a fixed function of the pixels
+            return torch.nn.functional.avg_pool2d(images, 8).repeat(1, 6, 1, 1)[:, :16]
+
+        def rgb(self, images):
+            self.rgb_inputs.append(images.clone())
+            return self.latent(images)
+
+        def rgba_latent(self, rgba):
+            return self.latent(rgba)
+
+    class FixedTexts:
+        def get(self, captions, max_len, device, dtype):
+            return torch.zeros(len(captions), 3, 32), torch.zeros(len(captions), 32)
+
+    gen = torch.Generator().manual_seed(0)
+    composite = torch.rand(1, 3, 16, 16, generator=gen) * 0.6 + 0.3  # nowhere black
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 2:12, 3:6] = 1  # an L
+    mask[..., 9:12, 3:14] = 1
+    raw = {"composite": composite, "mask": mask, "background": torch.rand(1, 3, 16, 16, generator=gen),
+           "foreground": torch.rand(1, 4, 16, 16, generator=gen), "caption": ["x"]}  # fmt: skip
+    outside_only, inside_only = composite.clone(), torch.zeros_like(composite)
+    for ys, xs in ((slice(2, 12), slice(3, 6)), (slice(9, 12), slice(3, 14))):
+        outside_only[..., ys, xs] = 0
+        inside_only[..., ys, xs] = composite[..., ys, xs]
+    cfg = train_decompose.TrainConfig(edges=False, mask_spoil_probability=0.0)  # the mask exactly as given
+    encoder = RecordingEncoder()
+    b = train_decompose.encode_batch(raw, encoder, FixedTexts(), cfg, [0], "cpu", torch.float32)
+    want_bg = fill_condition(RecordingEncoder.latent(outside_only), mask)
+    want_fg = fill_condition(RecordingEncoder.latent(inside_only), mask)
+    assert torch.equal(b.condition, torch.cat([want_bg, want_fg], -1))
+    assert (want_bg - want_fg)[..., :64].abs().max() > 0.05  # the two contexts differ
+    unmasked = fill_condition(RecordingEncoder.latent(composite), mask)[..., :64]
+    assert (unmasked - want_bg[..., :64]).abs().max() > 0.05 and (unmasked - want_fg[..., :64]).abs().max() > 0.05
