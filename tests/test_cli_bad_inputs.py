@@ -222,6 +222,11 @@ CASES = [
     ("save-layers-tif", "save-layers {bg} {layer} --out {out}/s.tif", "must end in .psd or .ora", "--out"),
     ("save-layers-out-in-proc", "save-layers {bg} {layer} --out /proc/s.psd", "inside /proc", "/proc/s.psd"),
     ("save-layers-out-is-a-folder", "save-layers {bg} {layer} --out {folder}", "is a folder", "{folder}"),
+    # demo, evaluate-toy, make-tiny: their outputs
+    ("demo-out-is-a-file", "demo --out {bg}", "is a file", "{bg}"),
+    ("demo-out-in-proc", "demo --out /proc/bfs-demo", "inside /proc", "/proc/bfs-demo"),
+    ("evaluate-toy-out-in-proc", "evaluate-toy --count 2 --out /proc/toy", "inside /proc", "/proc/toy.md"),
+    ("make-tiny-into-a-file", "make-tiny {bg}", "is a file", "{bg}"),
     # decompose
     ("decompose-weights-truncated", _decompose(weights="{trunc_decomp}"), "not a complete safetensors file",
      "{trunc_decomp}"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .checks import check_output_dir
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
@@ -19,6 +21,7 @@ def run(args) -> int:
 
     if args.steps < 1:
         raise ValueError(f"`--steps` must be at least 1 but got {args.steps}.")
+    check_output_dir(args.out, "--out")
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     result = run_demo(args.out, weights=args.weights, steps=args.steps, seed=args.seed)
     print(f"demo: {result.seconds:.1f} s")

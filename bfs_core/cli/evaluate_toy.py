@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..atomic import atomic_write_text
+from .checks import check_output_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +27,8 @@ def run(args) -> int:
 
     if args.count < 2:
         raise ValueError(f"`--count` must be at least 2 (the chance baseline pairs scenes) but got {args.count}.")
+    if args.out:
+        check_output_file(Path(args.out).with_suffix(".md"), "--out")
     variants = {}
     if args.ablations:
         found = sorted(Path(args.ablations).glob("variants/*/bfs.safetensors"))

@@ -2,6 +2,8 @@
 
 import argparse
 
+from .checks import check_output_dir
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="folder to write into (created if needed)")
@@ -11,6 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from bfs_core.tiny import write_tiny_set
 
+    check_output_dir(args.out_dir, "out_dir")
     for name, path in write_tiny_set(args.out_dir, seed=args.seed).items():
         print(f"{name}: {path}")
     return 0
