@@ -185,9 +185,9 @@ def encode_batch(raw: dict, encoder: LatentEncoder, texts, cfg: TrainConfig, see
     if cfg.edges:
         maps["edge"] = canny_edges(composite)
     if cfg.depth_model:
-        maps["depth"] = estimate_depth(composite.cpu(), cfg.depth_model).to(device)
+        maps["depth"] = estimate_depth(composite, cfg.depth_model)  # loaded once, runs on `device` (the images')
     if cfg.segmentation_model:
-        maps["segmentation"] = estimate_segmentation(composite.cpu(), cfg.segmentation_model).to(device)
+        maps["segmentation"] = estimate_segmentation(composite, cfg.segmentation_model)
     embeds, pooled = texts.get(list(raw["caption"]), cfg.max_sequence_length, device, dtype)
     h, w = z_bg_ctx.shape[-2:]
     return Batch(
