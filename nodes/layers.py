@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import uuid
 from enum import Enum
 
 import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import ComfyExtension, io
+from PIL import Image
+from server import PromptServer
 from typing_extensions import override
 
-from ..bfs_core.layer_math import clamp_box, mask_from_box, over, resize_rgba
+from ..bfs_core.atomic import atomic_path
+from ..bfs_core.layer_math import clamp_box, composite_stack, mask_from_box, over, resize_rgba
 from ..bfs_core.layered_files import write_layered_file
 from .common import ComfyFluxVAE, flux_latent, image_from_core, image_to_core, normalized_from_raw
 from .loaders import RGBA_VAE
@@ -25,6 +29,34 @@ class LayeredFormat(str, Enum):
     PSD = "psd"
     ORA = "ora"
     BOTH = "psd+ora"
+
+
+def match_batches(inputs: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """[B, ...] tensors named for the error -> all at one batch size: a batch of 1 is used for every item; any other
+    mix (2 backgrounds and 3 layers) is refused, never cut to the shortest."""
+    sizes = {name: t.shape[0] for name, t in inputs}
+    batch = max(sizes.values())
+    if any(size not in (1, batch) for size in sizes.values()):
+        given = ", ".join(f"`{name}` has {size}" for name, size in sizes.items())
+        raise ValueError(f"Batch sizes do not match: {given}. Give every input either 1 image (used for each item) "
+                         f"or the same number of images ({batch}).")  # fmt: skip
+    return [t.expand(batch, *t.shape[1:]) for _, t in inputs]
+
+
+def save_preview(rgba: torch.Tensor, index: int) -> dict:
+    """A straight RGBA [4, H, W] image as a PNG in ComfyUI's temp folder -> the node UI's `images` entry."""
+    name = f"bfs_layers_{uuid.uuid4().hex[:8]}_{index:05}_.png"
+    array = (rgba.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()  # [4, H, W] -> [H, W, 4]
+    with atomic_path(os.path.join(folder_paths.get_temp_directory(), name)) as tmp:
+        Image.fromarray(array, "RGBA").save(tmp, compress_level=1)
+    return {"filename": name, "subfolder": "", "type": "temp"}
+
+
+def show_saved(previews: list[dict], saved: list[str], node_id) -> dict:
+    """What Save Layers wrote, on the node: the merged previews and the file names (UI text under the node too)."""
+    if node_id is not None and getattr(PromptServer, "instance", None) is not None:
+        PromptServer.instance.send_progress_text("Saved:\n" + "\n".join(saved), node_id)
+    return {"images": previews, "animated": (False,), "text": saved}
 
 
 class RGBADecode(io.ComfyNode):
@@ -92,7 +124,13 @@ class CompositeLayer(io.ComfyNode):
         if top.shape[1] == 3:
             if alpha is None:
                 raise ValueError("`layer` is RGB without alpha: connect its `alpha` mask (RGBA Decode gives both).")
-            top = torch.cat([top, (alpha[:, None] if alpha.ndim == 3 else alpha[None, None]).float()], 1)
+            mask = (alpha[:, None] if alpha.ndim == 3 else alpha[None, None]).float()
+            if mask.shape[-2:] != top.shape[-2:]:
+                raise ValueError(f"`alpha` is {mask.shape[-1]}×{mask.shape[-2]} but `layer` is {top.shape[-1]}×"
+                                 f"{top.shape[-2]}: connect the mask that belongs to the layer.")  # fmt: skip
+            top, mask = match_batches([("layer", top), ("alpha", mask)])
+            top = torch.cat([top, mask], 1)
+        bottom, top = match_batches([("background", bottom), ("layer", top)])
         if top.shape[-2:] != bottom.shape[-2:]:
             raise ValueError(f"`layer` is {top.shape[-1]}×{top.shape[-2]} but `background` is "
                              f"{bottom.shape[-1]}×{bottom.shape[-2]}; they must match (RGBA Decode pastes the layer "
@@ -139,7 +177,9 @@ class SaveLayers(io.ComfyNode):
             category=CATEGORY,
             is_output_node=True,
             description="Save the background and RGBA layers as a layered PSD and/or OpenRaster file in the output "
-                        "folder, every layer named, with a merged preview.",
+                        "folder, every layer named (any language), with a merged preview. A batch saves one file per "
+                        "item: <prefix>_00001_.psd, <prefix>_00002_.psd, … (an input with one image is used for "
+                        "every item). The node shows the merged images and the file names.",
             inputs=[
                 io.Image.Input("background", tooltip="The bottom layer."),
                 *layers,
@@ -147,31 +187,33 @@ class SaveLayers(io.ComfyNode):
                                                              "'vase, cat'). Missing names become 'Layer N'."),
                 io.Combo.Input("format", options=[f.value for f in LayeredFormat], default=LayeredFormat.PSD.value,
                                tooltip="PSD (Photoshop, GIMP, Krita), ORA (Krita, MyPaint, GIMP 3) or both."),
-                io.String.Input("filename_prefix", default="bfs/scene", tooltip="Output file prefix."),
+                io.String.Input("filename_prefix", default="bfs/scene", tooltip="Output file prefix, in the output "
+                                "folder; a counter follows (<prefix>_00001_.psd), one number per batch item."),
             ],
             outputs=[io.String.Output(display_name="paths", tooltip="The files written, one per line.")],
+            hidden=[io.Hidden.unique_id],
         )  # fmt: skip
 
     @classmethod
     def execute(cls, background, names, format, filename_prefix, **layers) -> io.NodeOutput:
         fmt = LayeredFormat(format)
-        stack = [layers[f"layer_{i}"] for i in range(1, MAX_LAYERS + 1) if layers.get(f"layer_{i}") is not None]
+        slots = [f"layer_{i}" for i in range(1, MAX_LAYERS + 1) if layers.get(f"layer_{i}") is not None]
         given = [n.strip() for n in names.split(",")] if names.strip() else []
-        labels = [given[i] if i < len(given) and given[i] else f"Layer {i + 1}" for i in range(len(stack))]
-        bottom = image_to_core(background, "background", (3, 4))
-        tops = [image_to_core(layer, label, (3, 4)) for layer, label in zip(stack, labels)]
-        out_dir = folder_paths.get_output_directory()
-        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
-            filename_prefix, out_dir, bottom.shape[-1], bottom.shape[-2]
+        labels = [given[i] if i < len(given) and given[i] else f"Layer {i + 1}" for i in range(len(slots))]
+        inputs = [("background", background)] + [(f"{s} ({n!r})", layers[s]) for s, n in zip(slots, labels)]
+        bottom, *tops = match_batches([(name, image_to_core(image, name, (3, 4))) for name, image in inputs])
+        folder, filename, counter, _, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory(), bottom.shape[-1], bottom.shape[-2]
         )
         suffixes = {LayeredFormat.PSD: [".psd"], LayeredFormat.ORA: [".ora"], LayeredFormat.BOTH: [".psd", ".ora"]}
-        written = []
-        for b in range(bottom.shape[0]):
-            named = [(label, top[min(b, top.shape[0] - 1)]) for label, top in zip(labels, tops)]
+        written, previews = [], []
+        for b in range(bottom.shape[0]):  # one file (per format) for every batch item, numbered on
+            stem = f"{filename}_{counter + b:05}_"  # ComfyUI's numbering: the next run counts on, never overwrites
+            named = [(label, top[b]) for label, top in zip(labels, tops)]
             for suffix in suffixes[fmt]:
-                path = os.path.join(folder, f"{filename}_{counter + b:05}_{suffix}")
-                written.append(str(write_layered_file(path, bottom[b], named)))
-        return io.NodeOutput("\n".join(written), ui={"text": written})
+                written.append(str(write_layered_file(os.path.join(folder, stem + suffix), bottom[b], named)))
+            previews.append(save_preview(composite_stack([bottom[b], *(top[b] for top in tops)]), b))
+        return io.NodeOutput("\n".join(written), ui=show_saved(previews, written, cls.hidden.unique_id))
 
 
 class LayerNodes(ComfyExtension):
