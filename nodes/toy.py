@@ -103,6 +103,9 @@ class ToyTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoder, text) -> io.NodeOutput:
+        if text not in vocabulary():  # ComfyUI 0.3.75 does not check V3 combo values sent through the API
+            raise ValueError(f"`text` must be one of the toy model's prompts ('a <colour> <shape>': colours "
+                             f"{', '.join(COLOURS)}; shapes {', '.join(SHAPES)}) but got {text!r}.")  # fmt: skip
         embeds, pooled = encode_toy_prompt(text_encoder, text)
         return io.NodeOutput([[embeds.float(), {"pooled_output": pooled.float()}]])
 
