@@ -138,6 +138,7 @@ def test_kill_and_resume_gives_bit_identical_next_losses(tiny, tmp_path, stage):
         tmp_path / "full" / "checkpoints" / "checkpoint-000001", resumed_dir / "checkpoints" / "checkpoint-000001"
     )
     (resumed_dir / "checkpoints" / "checkpoint-000002.tmp").mkdir()  # a half-written checkpoint is ignored
+    (resumed_dir / "checkpoints" / "checkpoint-000002.old").mkdir()  # and atomic_dir's leftover of a replaced one
     resumed = main(make(tiny, resumed_dir, max_steps=3, resume_from_checkpoint="latest"))
     assert resumed.first_step == 2
     assert resumed.losses == full.losses[1:]  # bit for bit (float equality)

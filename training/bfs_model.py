@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -96,11 +95,9 @@ def trainable_names(model: DualBranchFlux, groups: set[str]) -> set[str]:
 
 
 def save_weights(model: DualBranchFlux, path: str | Path) -> Path:
-    """The nodes' format (bfs_core.models.bfs_checkpoint), written atomically."""
+    """The nodes' format (bfs_core.models.bfs_checkpoint), written atomically (by `save_bfs_weights`)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_bfs_weights(model, tmp)
-    os.replace(tmp, path)
+    save_bfs_weights(model, path)
     return path
 
 

@@ -3,17 +3,19 @@
 Checkpoint layout (`<output_dir>/checkpoints/checkpoint-<step>/`): the trainable weights only
 (`bfs_weights.safetensors` in the node format, or `phi.safetensors`), accelerate's `optimizer.bin`, `scheduler.bin`
 and `random_states_*.pkl` (torch, numpy, python and CUDA RNG), and `trainer_state.json` (the step counter that fixes
-the data order). A checkpoint is written to `checkpoint-<step>.tmp` and renamed when complete, so a kill never leaves a
-half checkpoint that `resume` would pick; the oldest complete ones beyond `checkpoints_total_limit` are deleted.
+the data order). A checkpoint is written to `checkpoint-<step>.tmp` and renamed when complete
+(`bfs_core.atomic.atomic_dir`), so a kill never leaves a half checkpoint that `resume` would pick; the oldest complete
+ones beyond `checkpoints_total_limit` are deleted. Every other file a trainer writes goes through `bfs_core/atomic.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
-import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
+
+from bfs_core.atomic import atomic_dir, atomic_path
 
 
 logger = logging.getLogger(__name__)
@@ -325,16 +329,17 @@ class TextEmbeddingCache:
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:
+    """safetensors `save_file` through `bfs_core.atomic.atomic_path`."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return path
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (`checkpoint-<digits>` only: never `.tmp` / `.old` leftovers of a kill)."""
     root = Path(output_dir) / "checkpoints"
-    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -353,19 +358,20 @@ def resolve_resume(cfg: CommonConfig) -> Path | None:
 
 
 def save_checkpoint(accelerator: Accelerator, cfg: CommonConfig, state: dict) -> Path:
-    """accelerator.save_state into `checkpoint-<step>.tmp`, add trainer_state.json, rename, rotate."""
+    """accelerator.save_state into `checkpoint-<step>.tmp` (`atomic_dir`), add trainer_state.json, rename, rotate."""
     root = Path(cfg.output_dir) / "checkpoints"
     final = root / f"checkpoint-{state['global_step']:06d}"
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = final.with_name(final.name + ".tmp")  # the folder atomic_dir fills
+    with contextlib.ExitStack() as stack:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = stack.enter_context(atomic_dir(final))  # renamed to `final` when this block ends without error
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # every process writes its own random_states_<i>.pkl into it
+        accelerator.wait_for_everyone()  # … before process 0 renames the folder
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         if cfg.checkpoints_total_limit is not None:
             for old in checkpoint_dirs(cfg.output_dir)[: -cfg.checkpoints_total_limit]:
                 shutil.rmtree(old)
@@ -427,7 +433,8 @@ class MetricsLog:
             draw.text((pad + 5, pad // 2 + 5 + 12 * i), key, fill=colours[i % len(colours)])
         draw.text((pad, height - pad + 5), f"step {s0} … {s1}   loss {lo:.4g} … {hi:.4g}", fill="black")
         out = self.dir / "loss_curve.png"
-        img.save(out)
+        with atomic_path(out) as tmp:
+            img.save(tmp)
         return out
 
 
@@ -461,7 +468,8 @@ def write_grid(accelerator: Accelerator, output_dir: str | Path, step: int, colu
     img = sample_grid(columns)
     out = Path(output_dir) / "samples" / f"step-{step:06d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    img.save(out)
+    with atomic_path(out) as tmp:
+        img.save(tmp)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np

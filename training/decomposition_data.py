@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bfs_core.atomic import atomic_path, atomic_write_text
 from bfs_core.layer_math import box_from_mask, composite_stack
 
 
@@ -64,7 +65,8 @@ def _quantise(x: torch.Tensor) -> torch.Tensor:
 def _save(x: torch.Tensor, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     array = (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp)
     return path.as_posix()
 
 
@@ -183,6 +185,6 @@ def main(cfg: DataConfig) -> DataResult:
         entry["box"] = list(box_from_mask(sample["mask"][0]))
         lines.append(json.dumps(entry))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.jsonl").write_text("".join(line + "\n" for line in lines))
+    atomic_write_text(out / "manifest.jsonl", "".join(line + "\n" for line in lines))
     logger.info("decompose-data: wrote %d samples to %s", len(lines), out)
     return DataResult(weights=out, count=len(lines))

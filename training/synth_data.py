@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from bfs_core.atomic import atomic_path, atomic_write_text
 from bfs_core.layer_math import box_from_mask, dilate_mask, mask_from_box, recomposite, rgba_from_shadowed_renders
 
 from .data import read_manifest
@@ -239,7 +240,8 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 def _save(x: torch.Tensor, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     array = _to_uint8(x)
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp)
 
 
 def main(
@@ -281,10 +283,10 @@ def main(
         _save(images["mask"], out / files["mask"])
         lines.append(json.dumps({"name": name, **files, "box": list(images["box"]), "caption": entry["caption"]}))
         samples.append({"name": name, "status": "kept", **stats})
-    (out / "manifest.jsonl").write_text("".join(line + "\n" for line in lines))
+    atomic_write_text(out / "manifest.jsonl", "".join(line + "\n" for line in lines))
     counts = Counter(s["status"] for s in samples)
     report = {"total": len(samples), "kept": counts["kept"], "by_status": dict(counts), "samples": samples}
-    (out / "filter_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "filter_report.json", json.dumps(report, indent=2))
     logger.info("synth-data: kept %d of %d (%s); report: %s", counts["kept"], len(samples), dict(counts), out)
     return SynthResult(weights=out, kept=counts["kept"], report=report)
 

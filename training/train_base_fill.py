@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bfs_core.atomic import atomic_dir
 from bfs_core.sampling.flow_match import fill_condition, latent_image_ids, pack_latents
 
 from .config import config_summary
@@ -143,5 +144,6 @@ def main(cfg: TrainConfig) -> TrainResult:
             recent = losses[-100:]
             logger.info("base fill step %d/%d loss %.4f (%.0f s)", step, cfg.max_steps, sum(recent) / len(recent),
                         time.time() - start)  # fmt: skip
-    transformer.eval().save_pretrained(out / "transformer")
+    with atomic_dir(out / "transformer") as tmp:
+        transformer.eval().save_pretrained(tmp)
     return TrainResult(weights=out / "transformer", losses=losses, first_step=1)

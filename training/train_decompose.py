@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from bfs_core.atomic import atomic_write_text
 from bfs_core.models.layer_decomposition import (
     DecompositionConfig,
     LayerDecomposition,
@@ -127,9 +128,7 @@ def register_hooks(accelerator: Accelerator) -> None:
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                path = Path(output_dir) / WEIGHTS_NAME
-                save_decomposition_weights(accelerator.unwrap_model(model), path.with_name(path.name + ".tmp"))
-                path.with_name(path.name + ".tmp").replace(path)
+                save_decomposition_weights(accelerator.unwrap_model(model), Path(output_dir) / WEIGHTS_NAME)  # atomic
         weights.clear()
 
     def load_hook(models, input_dir):
@@ -234,7 +233,7 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     summary = config_summary(cfg, derived_numbers(cfg, accelerator, {"samples": len(dataset)}))
     logger.info("decompose config:\n%s", summary)
     if accelerator.is_main_process:
-        (out / "config.yaml").write_text(summary)
+        atomic_write_text(out / "config.yaml", summary)
     texts = TextEmbeddingCache(cfg.text_cache_dir or out / "text_cache")
     with accelerator.main_process_first():
         texts.prepare([e["caption"] for e in dataset.entries], cfg.text_encoders or cfg.flux_fill,
@@ -297,8 +296,7 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     metrics.draw()
     final = out / cfg.output_name
     if accelerator.is_main_process:
-        save_decomposition_weights(accelerator.unwrap_model(model), final.with_name(final.name + ".tmp"))
-        final.with_name(final.name + ".tmp").replace(final)
+        save_decomposition_weights(accelerator.unwrap_model(model), final)  # atomic (bfs_core/atomic.py)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     logger.info("decompose done at step %d; weights: %s", global_step, final)

@@ -11,8 +11,6 @@ Flux VAE. Loss: ‖z_C − Φ(z_F, z_B)‖², all of Φ trained in fp32 (Tab. A3
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from bfs_core.atomic import atomic_dir, atomic_write_text
 from bfs_core.models.composition_unet import build_composition_unet, compose_latents
 
 from .common import (
@@ -104,12 +103,9 @@ def write_samples(accelerator, phi, val: dict, encoder: LatentEncoder, cfg: Trai
 
 
 def save_phi_folder(phi, path: Path) -> Path:
-    """diffusers save_pretrained, written beside and renamed, so a kill never leaves half a folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    phi.save_pretrained(str(tmp), safe_serialization=True)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    """diffusers save_pretrained into `<path>.tmp`, renamed when complete (`atomic_dir`): never half a folder."""
+    with atomic_dir(path) as tmp:
+        phi.save_pretrained(str(tmp), safe_serialization=True)
     return path
 
 
@@ -124,8 +120,8 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     summary = config_summary(cfg, derived_numbers(cfg, accelerator, {"pairs": len(dataset)}))
     logger.info("Φ config:\n%s", summary)
     if accelerator.is_main_process:
-        (out / "config.yaml").write_text(summary)
-        (out / "bad_samples.txt").write_text("".join(f"{n}\t{r}\n" for n, r in dataset.bad))
+        atomic_write_text(out / "config.yaml", summary)
+        atomic_write_text(out / "bad_samples.txt", "".join(f"{n}\t{r}\n" for n, r in dataset.bad))
     encoder = LatentEncoder(cfg.vae, cfg.rgba_vae, device, torch.float32)  # Tab. A3: float32 throughout
 
     if cfg.init_phi:

@@ -22,6 +22,8 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from bfs_core.atomic import atomic_write_text
+
 from .bfs_model import (
     WEIGHTS_NAME,
     BFSConfig,
@@ -115,8 +117,8 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     summary = config_summary(cfg, derived)
     logger.info("stage 1 config:\n%s", summary)
     if accelerator.is_main_process:
-        (out / "config.yaml").write_text(summary)
-        (out / "bad_samples.txt").write_text("".join(f"{n}\t{r}\n" for n, r in dataset.bad))
+        atomic_write_text(out / "config.yaml", summary)
+        atomic_write_text(out / "bad_samples.txt", "".join(f"{n}\t{r}\n" for n, r in dataset.bad))
     texts = TextEmbeddingCache(cfg.text_cache_dir or out / "text_cache")
     with accelerator.main_process_first():
         texts.prepare(

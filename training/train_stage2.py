@@ -25,6 +25,8 @@ import torch
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
+from bfs_core.atomic import atomic_write_text
+
 from .bfs_model import (
     BFSConfig,
     draw_noise,
@@ -164,9 +166,9 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     summary = config_summary(cfg, derived_numbers(cfg, accelerator, {k: len(v) for k, v in datasets.items()}))
     logger.info("stage 2 config:\n%s", summary)
     if accelerator.is_main_process:
-        (out / "config.yaml").write_text(summary)
+        atomic_write_text(out / "config.yaml", summary)
         bad = [(f"{phase}:{n}", r) for phase, ds in datasets.items() for n, r in ds.bad]
-        (out / "bad_samples.txt").write_text("".join(f"{n}\t{r}\n" for n, r in bad))
+        atomic_write_text(out / "bad_samples.txt", "".join(f"{n}\t{r}\n" for n, r in bad))
     texts = TextEmbeddingCache(cfg.text_cache_dir or out / "text_cache")
     with accelerator.main_process_first():
         captions = [e["caption"] for ds in datasets.values() for e in ds.entries]

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from bfs_core.atomic import atomic_dir
+
 from .config import config_summary
 from .data import ManifestDataset
 
@@ -127,7 +129,8 @@ def main(cfg: TrainConfig) -> TrainResult:
     losses = _fit(rgb, rgb_images, rgb_weights, cfg.rgb_steps, cfg, rgb_loss, "rgb vae")
     shift, scale = _latent_stats(rgb, rgb_images)
     rgb.register_to_config(shift_factor=shift, scaling_factor=scale)
-    rgb.save_pretrained(out / "vae")
+    with atomic_dir(out / "vae") as tmp:
+        rgb.save_pretrained(tmp)
 
     fg = data["foreground"]
     with torch.no_grad():  # the alignment target: the RGB latent of the layer over mid grey (normalised)
@@ -150,6 +153,7 @@ def main(cfg: TrainConfig) -> TrainResult:
     losses += _fit(rgba, fg, 1 + cfg.object_weight * fg[:, 3:], cfg.rgba_steps, cfg, rgba_loss, "rgba vae")
     # The same normalisation as the RGB VAE: the alignment above is measured in that space.
     rgba.register_to_config(shift_factor=shift, scaling_factor=scale)
-    rgba.save_pretrained(out / "rgba_vae")
+    with atomic_dir(out / "rgba_vae") as tmp:
+        rgba.save_pretrained(tmp)
     logger.info("toy autoencoders written to %s (shift %.4f, scale %.4f)", out, shift, scale)
     return TrainResult(weights=out, losses=losses, first_step=1)
