@@ -52,6 +52,23 @@ def to_rgba_image(image: ImageLike, name: str = "image") -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array), "RGBA")
 
 
+def check_layer_name(name: str, where: str) -> None:
+    """Any script and emoji are fine; refused: what no layered file can hold (XML 1.0 forbids control characters in
+    ORA's stack.xml; a lone surrogate, as from a file name in another encoding, is no Unicode text)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"The name of {where} ({name!r}) is not valid Unicode text (a file name in another encoding?): rename it."
+        ) from None
+    bad = sorted({f"U+{ord(c):04X}" for c in name if unicodedata.category(c) == "Cc"})
+    if bad:
+        raise ValueError(
+            f"The name of {where} ({name!r}) holds control characters ({', '.join(bad)}), which PSD/ORA layer names "
+            "cannot carry: remove them."
+        )
+
+
 def _prepare(background: ImageLike, layers: Sequence[tuple[str, ImageLike]]) -> list[tuple[str, Image.Image]]:
     stack = [("Background", to_rgba_image(background, "background"))]
     size = stack[0][1].size
@@ -59,6 +76,7 @@ def _prepare(background: ImageLike, layers: Sequence[tuple[str, ImageLike]]) -> 
         if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)):
             raise ValueError(f"layers[{i}] must be a (name, image) pair but got {type(item).__name__}.")
         name, image = item
+        check_layer_name(name, f"layers[{i}]")
         rgba = to_rgba_image(image, f"layers[{i}] ({name!r})")
         if rgba.size != size:
             raise ValueError(
@@ -163,6 +181,7 @@ def write_layered_file(
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise ValueError(f"Output {str(path)!r} must end in .psd or .ora but ends in {path.suffix!r}.")
+    check_layer_name(background_name, "the background")
     stack = _prepare(background, layers)
     stack[0] = (background_name, stack[0][1])
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -275,6 +275,19 @@ class TestUnicodeNames:
             assert names == ["Background", "猫"]
 
 
+@pytest.mark.parametrize("suffix", [".psd", ".ora"])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("tab\tand bell\x07", r"control characters \(U\+0007, U\+0009\)"), ("bad\udcff", "not valid Unicode")],
+    ids=["control", "lone-surrogate"],
+)
+def test_names_no_layered_file_can_hold_are_refused_before_writing(scene, tmp_path, suffix, name, message):
+    path = tmp_path / f"scene{suffix}"
+    with pytest.raises(ValueError, match=message):
+        write_layered_file(path, scene[0], [(name, scene[1][0][1])])
+    assert not path.exists()
+
+
 class TestFailingWriterKeepsTheOldFile:
     """A writer failing half-way (disk full, Ctrl-C) leaves the good file the user had and no partial or temp file."""
 
