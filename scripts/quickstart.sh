@@ -27,3 +27,4 @@ echo "The tiny models above are random (noise by design): they prove every loade
 # The embedded toy model (trained by training/ on a 64x64 toy world): layers, chaining, PSD/ORA, a contact sheet.
 python -m bfs_core demo --out "$out/toy_demo"
 echo "Done. Look at $out/toy_demo/contact_sheet.png; layered files are in $out/toy_demo and $out/scene.ora."
+echo "To run the README's python commands in a new shell, activate the environment first: . $VIRTUAL_ENV/bin/activate"
