@@ -64,7 +64,8 @@ def _values(job: str, paths: dict, out: Path, batch_size: int) -> dict:
     bfs = dict(fast, **text, phi=m["phi"], bfs_overrides=TINY_BFS)
     if job == "stage1":
         return dict(bfs, data_dir=d["triplets"])
-    return dict(bfs, pairs_dir=d["pairs"], triplets_dir=d["triplets"])
+    # Stage 2 with gradient checkpointing (the shipped default): non-reentrant checkpoints + find_unused_parameters.
+    return dict(bfs, pairs_dir=d["pairs"], triplets_dir=d["triplets"], gradient_checkpointing=True)
 
 
 def run_jobs(spec_path: str) -> None:
