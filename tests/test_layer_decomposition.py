@@ -284,10 +284,11 @@ class _Anything:
 def _comfy_stubs(models: dict[str, Path]) -> dict[str, types.ModuleType]:
     mods = {name: types.ModuleType(name) for name in
             ("comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils", "folder_paths", "comfy_api",
-             "comfy_api.latest")}  # fmt: skip
+             "comfy_api.latest", "server")}  # fmt: skip
+    mods["server"].PromptServer = type("PromptServer", (), {"instance": None})  # no UI to send progress text to
     mm = mods["comfy.model_management"]
     mm.get_torch_device = mm.unet_offload_device = mm.intermediate_device = lambda: torch.device("cpu")
-    mm.load_models_gpu = lambda patchers: None
+    mm.load_models_gpu = lambda patchers, **kwargs: None
     mm.throw_exception_if_processing_interrupted = lambda: None
 
     class ModelPatcher:
