@@ -66,6 +66,7 @@ class CommonConfig:
     report_to: Literal["tensorboard", "none"] = "tensorboard"  # images/PNG are always written as well
     # Debug: after every optimiser step compare every trainable parameter across processes (rank_sync.jsonl) and
     # write process 0's trainables to rank_sync/step-<step>.safetensors (tests/test_training_ddp.py reads both).
+    # It gathers all trainables from every process each step: for short runs (a full-size LoRA set is ~1 GB a step).
     debug_rank_sync: bool = False
 
 
