@@ -24,9 +24,9 @@ def run(args: argparse.Namespace) -> int:
     for path, size in sizes.items():
         if size != sizes[args.background]:
             raise UserInputError(
-                f"layer {str(path)!r} is {size[0]}x{size[1]} but the background is {sizes[args.background][0]}x"
-                f"{sizes[args.background][1]}: save every layer at the background's size (resize it, or paste a "
-                "crop onto a transparent canvas of that size)."
+                f"`layers` image {str(path)!r} is {size[0]}x{size[1]} but the background is "
+                f"{sizes[args.background][0]}x{sizes[args.background][1]}: save every layer at the background's size "
+                "(resize it, or paste a crop onto a transparent canvas of that size)."
             )
     background = Image.open(args.background)
     layers = [(path.stem, Image.open(path)) for path in args.layers]

@@ -647,7 +647,12 @@ def load_flux_fill_transformer(
         model = _load_from_diffusers_folder(folder, torch_dtype, device, name)
         fmt = f"diffusers folder {folder}"
     elif path.suffix.lower() in (".safetensors", ".sft"):
-        model, fmt = _load_from_single_file(path, torch_dtype, device, config, name)
+        try:
+            model, fmt = _load_from_single_file(path, torch_dtype, device, config, name)
+        except UserInputError:
+            raise
+        except ValueError as err:  # the file's own checks (not Fill, not FLUX, keys): say which input it was
+            raise UserInputError(f"`{name}`: {err}") from err
     else:
         raise UserInputError(
             f"`{name}` must be a folder or a .safetensors file but got {str(path)!r}. Convert other formats to "

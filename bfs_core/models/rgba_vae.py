@@ -87,12 +87,15 @@ def load_latent_file(path: str | pathlib.Path, name: str = "latent") -> torch.Te
         metadata = f.metadata() or {}
         keys = list(f.keys())
         if "latent" not in keys:
-            raise ValueError(f"Latent file {str(path)!r} must hold a tensor named `latent` but has {keys[:5]}.")
+            raise UserInputError(
+                f"`{name}` file {str(path)!r} must hold a tensor named `latent` (a latent file `generate` writes) but "
+                f"has {keys[:5]}."
+            )
         latent = f.get_tensor("latent").float()
     space = metadata.get("space", LATENT_SPACE)
     if space != LATENT_SPACE:
         raise ValueError(
-            f"Latent file {str(path)!r} says space={space!r}; expected {LATENT_SPACE!r} (normalised Flux latents)."
+            f"`{name}` file {str(path)!r} says space={space!r}; expected {LATENT_SPACE!r} (normalised Flux latents)."
         )
     if latent.ndim == 3:
         latent = latent.unsqueeze(0)
