@@ -475,3 +475,31 @@ def test_estimators_run_on_the_requested_device(kind, estimator_dirs):
     images = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(1))
     out = estimate(images, estimator_dirs[kind], device="meta")
     assert out.device.type == "meta" and out.shape == (1, 3, 40, 48)
+
+
+def test_decompose_command_runs_the_estimators_on_its_device(monkeypatch):
+    """`python -m bfs_core decompose --device X`: depth / segmentation run on X, their maps come back beside the image
+    (the estimators themselves are tested above; here only what the command asks of them)."""
+    import argparse
+
+    from bfs_core.cli.decompose import estimated_maps
+    from bfs_core.models import layer_decomposition as ld
+
+    calls = []
+
+    def spy(kind, value):
+        def estimate(images, model_dir, device=None):
+            calls.append((kind, model_dir, device))
+            return torch.full_like(images, value)
+
+        return estimate
+
+    monkeypatch.setattr(ld, "estimate_depth", spy("depth", 0.25))
+    monkeypatch.setattr(ld, "estimate_segmentation", spy("segmentation", 0.75))
+    image = torch.rand(1, 3, 8, 8)
+    args = argparse.Namespace(depth_model="d", segmentation_model="s", device="cuda:3")
+    maps = estimated_maps(args, image, {"edge": None, "depth": None, "segmentation": None})
+    assert calls == [("depth", "d", "cuda:3"), ("segmentation", "s", "cuda:3")]
+    assert torch.equal(maps["depth"], torch.full_like(image, 0.25)) and maps["depth"].device == image.device
+    given = torch.zeros(1, 3, 8, 8)
+    assert estimated_maps(args, image, {"depth": given})["depth"] is given  # a map the user gave is kept

@@ -101,11 +101,12 @@ def load_components(args, baseline: bool = False):
 def estimated_maps(args, image: torch.Tensor, given: dict) -> dict:
     from bfs_core.models.layer_decomposition import estimate_depth, estimate_segmentation
 
-    maps = dict(given)
+    maps = dict(given)  # the estimators run on --device; their maps come back beside the image
     if maps.get("depth") is None and args.depth_model:
-        maps["depth"] = estimate_depth(image, args.depth_model)
+        maps["depth"] = estimate_depth(image, args.depth_model, device=args.device).to(image.device)
     if maps.get("segmentation") is None and args.segmentation_model:
-        maps["segmentation"] = estimate_segmentation(image, args.segmentation_model)
+        segmentation = estimate_segmentation(image, args.segmentation_model, device=args.device)
+        maps["segmentation"] = segmentation.to(image.device)
     return maps
 
 
