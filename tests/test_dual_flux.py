@@ -8,9 +8,8 @@ from bfs_core.models.dual_flux import (
     BranchLoRALinear,
     DualBranchConfig,
     DualBranchFlux,
-    DualDoubleBlock,
-    DualSingleBlock,
     JointAttention,
+    JointAttnProcessor,
     bfs_state_dict,
     parameter_group,
     patch_dual_branch,
@@ -57,17 +56,25 @@ def test_fresh_patch_gives_plain_flux_fill_on_both_branches(config):
     assert (v_fg - ref_fg).abs().max() < 1e-5
 
 
+def _joint_processor(block) -> bool:
+    return isinstance(block.attn.get_processor(), JointAttnProcessor)
+
+
 def test_presets_place_modules_as_documented():
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
     t = make_tiny_flux()
     patch_dual_branch(t, DualBranchConfig.release())
-    assert all(isinstance(b, DualDoubleBlock) for b in t.transformer_blocks)
-    assert all(isinstance(b, DualSingleBlock) for b in t.single_transformer_blocks)
+    # Stock block classes (diffusers' tools key off them); the joint module runs in the attention processor.
+    assert all(type(b) is FluxTransformerBlock and _joint_processor(b) for b in t.transformer_blocks)
+    assert all(type(b) is FluxSingleTransformerBlock and _joint_processor(b) for b in t.single_transformer_blocks)
+    assert all(b.attn.get_processor().joint is b.joint for b in t.single_transformer_blocks)
     assert not any(isinstance(m, BranchLoRALinear) for m in t.modules())
     assert t.transformer_blocks[0].joint.to_out is not None and t.single_transformer_blocks[0].joint.to_out is None
     unpatch_dual_branch(t)
     patch_dual_branch(t, DualBranchConfig.paper())
-    assert not any(hasattr(b, "joint") for b in t.transformer_blocks)
-    assert all(isinstance(b, DualSingleBlock) for b in t.single_transformer_blocks)
+    assert not any(hasattr(b, "joint") or _joint_processor(b) for b in t.transformer_blocks)
+    assert all(_joint_processor(b) for b in t.single_transformer_blocks)
     lora = t.single_transformer_blocks[1].attn.to_q
     assert isinstance(lora, BranchLoRALinear) and lora.lora_A["comp"].weight.shape == (
         64,
@@ -80,6 +87,7 @@ def test_unpatch_restores_modules_and_outputs():
     inputs = dual_inputs()
     keys = set(transformer.state_dict())
     classes = [type(m) for m in transformer.modules()]
+    processors = {name: type(p) for name, p in transformer.attn_processors.items()}
     with torch.no_grad():
         before = plain_branch(transformer, inputs["fg_latents"], inputs, inputs["timestep_fg"])
     patch_dual_branch(transformer, DualBranchConfig.paper())
@@ -87,12 +95,14 @@ def test_unpatch_restores_modules_and_outputs():
     unpatch_dual_branch(transformer)
     assert set(transformer.state_dict()) == keys
     assert [type(m) for m in transformer.modules()] == classes
+    assert {name: type(p) for name, p in transformer.attn_processors.items()} == processors
     with torch.no_grad():
         after = plain_branch(transformer, inputs["fg_latents"], inputs, inputs["timestep_fg"])
     assert torch.equal(before, after)
     # A second, unrelated instance of the same classes was never touched.
     other = make_tiny_flux()
-    assert not any(isinstance(m, (BranchLoRALinear, DualSingleBlock)) for m in other.modules())
+    assert not any(isinstance(m, BranchLoRALinear) for m in other.modules())
+    assert not any(isinstance(p, JointAttnProcessor) for p in other.attn_processors.values())
 
 
 def test_content_lora_of_one_branch_never_reaches_the_other_when_joint_is_zero():
@@ -320,3 +330,19 @@ def test_paper_mlp_post_g_matches_a_hand_computation():
     assert got[1, 0].tolist() == pytest.approx(out[2:], abs=1e-6)  # delta for the foreground branch
     # The two halves differ, so swapping either the concat or the split order cannot pass.
     assert abs(out[0] - out[2]) > 0.1 and abs(out[1] - out[3]) > 0.1
+
+
+def test_regional_compile_reaches_the_patched_blocks():
+    """diffusers' `compile_repeated_blocks` keys off block class names: with stock classes it compiles every block,
+    and the joint processor traces as one graph (fullgraph=True: no graph break). Backend `eager` keeps it CPU-fast."""
+    transformer = make_tiny_flux()
+    model = DualBranchFlux(transformer, DualBranchConfig.release())
+    randomize_bfs_parameters(transformer)
+    prepare_for_inference(transformer)
+    inputs = dual_inputs()
+    reference = run(model, inputs)
+    transformer.compile_repeated_blocks(backend="eager", fullgraph=True)
+    compiled = [m for m in transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert len(compiled) == TINY_FLUX["num_layers"] + TINY_FLUX["num_single_layers"]
+    for out, ref in zip(run(model, inputs), reference):
+        assert (out - ref).abs().max() < 1e-5

@@ -7,9 +7,10 @@ Batch layout (the one convention every part of this pack follows):
 What patching adds to a diffusers `FluxTransformer2DModel` instance (never to its class):
 - per-branch *content LoRA* on chosen Linears (paper: rank 64 on all blocks): the Linear's class is swapped, in this
   instance only, to `BranchLoRALinear`, which adds `comp` deltas to rows [0, N) and `fg` deltas to rows [N, 2N);
-- the *joint module* (paper eq. 2–4; release `attn1n` + `conv1n`) in the chosen blocks: the block's class is swapped to
-  `DualSingleBlock` / `DualDoubleBlock`, whose forward runs the stock block maths plus cross-branch attention whose
-  queries come from the row's own branch and keys/values from the other branch. Q/K/V use the block's frozen
+- the *joint module* (paper eq. 2–4; release `attn1n` + `conv1n`) in the chosen blocks, registered as `<block>.joint`
+  and run by the block's attention processor (`JointAttnProcessor`, installed with `attn.set_processor`; the blocks
+  keep their diffusers classes): the stock attention maths plus cross-branch attention whose queries come from the
+  row's own branch and keys/values from the other branch. Q/K/V use the block's frozen
   projections plus direction-specific LoRAs, then the block's q/k RMSNorm and rotary embedding. The result goes through
   a post projection (`linear`: the release's bias-free zero-initialised D×D `conv1n`; `mlp`: the paper's g) and is
   added to the block's attention output (single blocks: before `proj_out`; double blocks: image tokens only, after
@@ -19,9 +20,10 @@ LoRA adapter naming: `comp` adapters act on composite-branch tokens and `fg` ada
 In the joint module that makes the two directions use disjoint matrices (comp<-fg: q=comp, k=fg, v=fg; fg<-comp: q=fg,
 k=comp, v=comp), as the release's `xy_lora` (= `comp`) / `yx_lora` (= `fg`) masks do.
 
-Fast path: the joint module's base Q/K/V are the block's own frozen weights, so the block computes each base projection
-once, adds the content-LoRA delta for self-attention and the joint-LoRA delta for the joint attention, and swaps branch
-halves for K/V. `JointAttention.forward(..., base_qkv=None)` is the plain reference path with separate projections.
+Fast path: the joint module's base Q/K/V are the block's own frozen weights, so the processor computes each base
+projection once, adds the content-LoRA delta for self-attention and the joint-LoRA delta for the joint attention, and
+swaps branch halves for K/V. `JointAttention.forward(..., base_qkv=None)` is the plain reference path with separate
+projections.
 """
 
 from __future__ import annotations
@@ -36,11 +38,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import (
-    FluxSingleTransformerBlock,
-    FluxTransformer2DModel,
-    FluxTransformerBlock,
-)
+from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel, FluxTransformerBlock
 from torch import nn
 
 
@@ -200,7 +198,11 @@ class _BranchLoRAMixin:
 
 
 class BranchLoRALinear(nn.Linear, _BranchLoRAMixin):
-    """An `nn.Linear` (class swapped in place) with one LoRA per branch. Keys stay `<name>.weight`/`<name>.bias`."""
+    """An `nn.Linear` (class swapped in place) with one LoRA per branch. Keys stay `<name>.weight`/`<name>.bias`.
+
+    A layer of ours rather than peft: peft's per-row adapter selection (`adapter_names=` mixed batches) refuses
+    training mode, and BFS trains both branches' adapters in one batch.
+    """
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return _linear(x, self.weight, self.bias)
@@ -437,102 +439,76 @@ class JointAttention(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Blocks with the joint module (class swapped in place on the diffusers blocks)
+# The joint module as an attention processor on the stock diffusers blocks
 
 
-def _check_block_kwargs(joint_attention_kwargs: dict[str, Any] | None) -> None:
-    if joint_attention_kwargs:
-        raise ValueError(
-            f"The dual-branch Flux blocks take no joint_attention_kwargs but got {sorted(joint_attention_kwargs)}. "
-            "Attention masks (e.g. Redux 'attn_bias' strength) are not supported; use strength_type 'multiply'."
-        )
+class JointAttnProcessor:
+    """Flux attention plus the block's joint module, in the style of diffusers' `FluxIPAdapterAttnProcessor`.
 
+    Installed on a block's `FluxAttention` with `attn.set_processor(JointAttnProcessor(block.joint, attn.processor))`
+    and removed by restoring `original`; the block keeps its class, so diffusers' own tools (regional compile, cache
+    hooks, group offloading) treat it as any Flux block. The maths is `FluxAttnProcessor`'s, except that each base
+    Q/K/V projection is computed once and shared: self-attention adds the content-LoRA delta to it, the joint module
+    its own direction-specific LoRA delta. The joint message is added where the release adds it: in single blocks to
+    the attention output (before `proj_out`), in double blocks to the image stream after `to_out` (before the gate).
 
-class DualSingleBlock(FluxSingleTransformerBlock):
-    """`FluxSingleTransformerBlock` plus the joint module (`self.joint`) added to the attention output."""
+    Not an `nn.Module` on purpose: the joint module's parameters stay registered on the block (`<block>.joint.*`, the
+    key layout of both weight formats), and this object only points at it.
+    """
 
-    # Adapted from diffusers.models.transformers.transformer_flux.FluxSingleTransformerBlock.forward and
-    # FluxAttnProcessor.__call__ (diffusers 0.42.1), written out so the base projections are shared with `joint`.
-    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
-        _check_block_kwargs(joint_attention_kwargs)
-        text_seq_len = encoder_hidden_states.shape[1]
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # text first, then image
-        residual = hidden_states
-        normed, gate = self.norm(hidden_states, emb=temb)
-        mlp_hidden_states = self.act_mlp(self.proj_mlp(normed))
+    _attention_backend = None  # set by diffusers' `set_attention_backend`, honoured by `_attention`
+    _parallel_config = None
 
-        attn = self.attn
+    def __init__(self, joint: JointAttention, original: Any):
+        self.joint = joint
+        self.original = original
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        if attention_mask is not None:
+            raise ValueError(
+                "The dual-branch Flux blocks take no attention mask (e.g. Redux 'attn_bias' strength): use "
+                "StyleModelApply's strength_type 'multiply'."
+            )
         (base_q, q), (base_k, k), (base_v, v) = (
-            _base_and_content(lin, normed) for lin in (attn.to_q, attn.to_k, attn.to_v)
+            _base_and_content(lin, hidden_states) for lin in (attn.to_q, attn.to_k, attn.to_v)
         )
-        q = _heads_norm_rope(q, attn.head_dim, attn.norm_q, image_rotary_emb)
-        k = _heads_norm_rope(k, attn.head_dim, attn.norm_k, image_rotary_emb)
+        q = attn.norm_q(q.unflatten(-1, (-1, attn.head_dim)))
+        k = attn.norm_k(k.unflatten(-1, (-1, attn.head_dim)))
         v = v.unflatten(-1, (-1, attn.head_dim))
-        attn_output = _attention(attn, q, k, v).flatten(2, 3).to(q.dtype)
-        if self.joint.active:
-            attn_output = attn_output + self.joint(normed, attn, image_rotary_emb, (base_q, base_k, base_v))
-
-        hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
-        hidden_states = residual + gate.unsqueeze(1) * self.proj_out(hidden_states)
-        if hidden_states.dtype == torch.float16:
-            hidden_states = hidden_states.clip(-65504, 65504)
-        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
-
-
-class DualDoubleBlock(FluxTransformerBlock):
-    """`FluxTransformerBlock` plus the joint module on image tokens, added after `to_out`, before the gate."""
-
-    # Adapted from diffusers.models.transformers.transformer_flux.FluxTransformerBlock.forward and
-    # FluxAttnProcessor.__call__ (diffusers 0.42.1), written out so the base projections are shared with `joint`.
-    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
-        _check_block_kwargs(joint_attention_kwargs)
-        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
-        normed_ctx, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
-            encoder_hidden_states, emb=temb
-        )
-
-        attn = self.attn
-        text_seq_len = encoder_hidden_states.shape[1]
-        (base_q, q), (base_k, k), (base_v, v) = (
-            _base_and_content(lin, normed) for lin in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        q = torch.cat(
-            [
-                _heads_norm_rope(attn.add_q_proj(normed_ctx), attn.head_dim, attn.norm_added_q, None),
-                _heads_norm_rope(q, attn.head_dim, attn.norm_q, None),
-            ],
-            dim=1,
-        )
-        k = torch.cat(
-            [
-                _heads_norm_rope(attn.add_k_proj(normed_ctx), attn.head_dim, attn.norm_added_k, None),
-                _heads_norm_rope(k, attn.head_dim, attn.norm_k, None),
-            ],
-            dim=1,
-        )
-        v = torch.cat([attn.add_v_proj(normed_ctx), v], dim=1).unflatten(-1, (-1, attn.head_dim))
+        text_len = 0
+        if encoder_hidden_states is not None:  # double block: text tokens first, as FluxAttnProcessor
+            text_len = encoder_hidden_states.shape[1]
+            eq, ek, ev = (
+                proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            q = torch.cat([attn.norm_added_q(eq), q], dim=1)
+            k = torch.cat([attn.norm_added_k(ek), k], dim=1)
+            v = torch.cat([ev, v], dim=1)
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        attended = _attention(attn, q, k, v).flatten(2, 3).to(q.dtype)
-        context_attn_output, attn_output = attended[:, :text_seq_len], attended[:, text_seq_len:]
-        attn_output = attn.to_out[1](attn.to_out[0](attn_output.contiguous()))
-        context_attn_output = attn.to_add_out(context_attn_output.contiguous())
+        out = _attention(attn, q, k, v).flatten(2, 3).to(q.dtype)
+        base_qkv = (base_q, base_k, base_v)
+        if encoder_hidden_states is None:  # single block: text and image tokens in one sequence
+            if self.joint.active:
+                out = out + self.joint(hidden_states, attn, image_rotary_emb, base_qkv)
+            return out
+        context, image = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        context = attn.to_add_out(context.contiguous())
         if self.joint.active:
             # Image tokens only; the image part of the rotary table equals a table built from img_ids alone.
-            rope_img = None if image_rotary_emb is None else tuple(t[text_seq_len:] for t in image_rotary_emb)
-            attn_output = attn_output + self.joint(normed, attn, rope_img, (base_q, base_k, base_v))
-
-        hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
-        normed = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(normed)
-
-        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
-        normed_ctx = self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(normed_ctx)
-        if encoder_hidden_states.dtype == torch.float16:
-            encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
-        return encoder_hidden_states, hidden_states
+            rope_img = None if image_rotary_emb is None else tuple(t[text_len:] for t in image_rotary_emb)
+            image = image + self.joint(hidden_states, attn, rope_img, base_qkv)
+        return image, context
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -588,8 +564,6 @@ def patch_dual_branch(transformer: FluxTransformer2DModel, config: DualBranchCon
 
     for name, block in _joint_blocks(transformer, config.joint_placement):
         is_double = isinstance(block, FluxTransformerBlock)
-        block._bfs_original_class = block.__class__
-        block.__class__ = DualDoubleBlock if is_double else DualSingleBlock
         block.joint = JointAttention(
             dim=dim,
             head_dim=head_dim,
@@ -600,12 +574,14 @@ def patch_dual_branch(transformer: FluxTransformer2DModel, config: DualBranchCon
             mlp_hidden=mlp_hidden,
             like=block.attn.to_q.weight,
         )
+        block.attn.set_processor(JointAttnProcessor(block.joint, block.attn.get_processor()))
     transformer._bfs_config = config
     return transformer
 
 
 def unpatch_dual_branch(transformer: FluxTransformer2DModel) -> FluxTransformer2DModel:
-    """Undo `patch_dual_branch`: restore block and Linear classes and drop every BFS parameter."""
+    """Undo `patch_dual_branch`: restore the blocks' attention processors and the Linears' class, and drop every BFS
+    parameter."""
     if getattr(transformer, "_bfs_config", None) is None:
         raise ValueError("This transformer is not patched for BFS; nothing to undo.")
     for module in transformer.modules():
@@ -614,9 +590,10 @@ def unpatch_dual_branch(transformer: FluxTransformer2DModel) -> FluxTransformer2
             module.__class__ = nn.Linear
     for _, block in _joint_blocks(transformer, "all"):
         if hasattr(block, "joint"):
+            processor = block.attn.get_processor()
+            if isinstance(processor, JointAttnProcessor):
+                block.attn.set_processor(processor.original)
             del block.joint
-            block.__class__ = block._bfs_original_class
-            del block._bfs_original_class
     transformer._bfs_config = None
     return transformer
 
