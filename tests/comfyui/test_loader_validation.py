@@ -105,3 +105,21 @@ def test_an_sd_vae_as_the_flux_vae_is_named(comfy, models, comfy_models):  # noq
     assert result.status == "error" and result.error.node_type == "BFSBG2FGSample", result.error
     assert "`vae` must be the Flux VAE (16 latent channels" in result.error.exception_message
     assert "but has 4 latent channels" in result.error.exception_message
+
+
+def test_an_sd_vae_as_the_rgba_vae_is_named(comfy, models, comfy_models):  # noqa: F811
+    """An SD1.5-style VAE file picked in Load RGBA VAE: refused as 'not an RGBA VAE', not asked for scaling factors."""
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    path = comfy_models / "bfs" / "sd15_vae_tiny.safetensors"
+    torch.manual_seed(0)
+    vae = AutoencoderKL(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+    result = comfy.run(graph(models, rgba=path.name, prefix="t/sdrgba"), timeout=300)
+    assert result.status == "error" and result.error.node_type == "BFSLoadRGBAVAE", result.error
+    message = result.error.exception_message
+    assert "`rgba_vae` file" in message and "is not an RGBA VAE" in message and "SD1.5/SDXL-style" in message
+    assert "scaling_factor" not in message
