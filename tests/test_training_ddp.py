@@ -210,7 +210,7 @@ def _tiny_dual_model(preset: str):
     return DualBranchFlux(FluxTransformer2DModel(**TINY_FLUX), config)
 
 
-def test_fsdp_config_builds_its_plugin_and_wraps_the_patched_blocks(monkeypatch):
+def test_fsdp_config_builds_its_plugin_and_wraps_the_block_classes(monkeypatch):
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.dataclasses import get_module_class_from_name
     from accelerate.utils.launch import prepare_multi_gpu_env
@@ -225,14 +225,15 @@ def test_fsdp_config_builds_its_plugin_and_wraps_the_patched_blocks(monkeypatch)
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 1 and plugin.use_orig_params  # frozen and trainable parameters share a block
     assert "FULL_SHARD" in str(plugin.sharding_strategy) and "FULL_STATE_DICT" in str(plugin.state_dict_type)
-    # The wrap classes must be exactly the classes of the patched (paper preset) model's blocks: accelerate finds each
+    # The wrap classes must be exactly the classes of the patched model's blocks (both presets): accelerate finds each
     # named class by its exact name in the model and stops with "Could not find the transformer layer class" if one
     # is missing; a block class left out would not be sharded.
-    paper = _tiny_dual_model("paper").transformer
-    blocks = {type(b).__name__ for b in [*paper.transformer_blocks, *paper.single_transformer_blocks]}
     names = plugin.transformer_cls_names_to_wrap
-    assert set(names) == blocks, f"fsdp.yaml wraps {names}; the patched blocks are {sorted(blocks)}: update it"
-    assert all(get_module_class_from_name(paper, n) is not None for n in names)
+    for preset in ("paper", "release"):
+        model = _tiny_dual_model(preset).transformer
+        blocks = {type(b).__name__ for b in [*model.transformer_blocks, *model.single_transformer_blocks]}
+        assert set(names) == blocks, f"fsdp.yaml wraps {names}; the {preset} blocks are {sorted(blocks)}: update it"
+        assert all(get_module_class_from_name(model, n) is not None for n in names)
 
 
 def test_deepspeed_config_builds_its_plugin(monkeypatch):
