@@ -65,3 +65,38 @@ def test_the_toy_world_itself_shows_nothing(comfy):
     result = comfy.run(_graph((14, 34, 30, 50), 64, 64), timeout=300)
     assert result.ok, result.error
     assert "text" not in result.outputs.get("sample", {}), result.outputs.get("sample")
+
+
+def test_the_warning_is_shown_on_the_node_in_the_frontend(comfy):
+    """What the frontend shows: ComfyUI's progress-text websocket message for the sampler node (rendered under the
+    node), read here from /ws as the frontend reads it."""
+    import asyncio
+    import json
+    import struct
+
+    import aiohttp
+
+    graph = _graph((300, 200, 302, 202))
+    graph["sample"]["inputs"]["seed"] = 7  # not cached from the other tests, so the node runs again
+
+    async def collect() -> list[tuple[str, str]]:
+        texts = []
+        ws_url = comfy.base_url.replace("http://", "ws://") + f"/ws?clientId={comfy.client_id}"
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
+            prompt_id = comfy.queue_prompt(graph)
+            while True:
+                msg = await ws.receive(timeout=180)
+                if msg.type == aiohttp.WSMsgType.BINARY and struct.unpack(">I", msg.data[:4])[0] == 3:  # TEXT
+                    (length,) = struct.unpack(">I", msg.data[4:8])
+                    texts.append((msg.data[8 : 8 + length].decode(), msg.data[8 + length :].decode()))
+                elif msg.type == aiohttp.WSMsgType.TEXT:
+                    event = json.loads(msg.data)
+                    if event["type"] in ("execution_success", "execution_error") and \
+                            event["data"].get("prompt_id") == prompt_id:  # fmt: skip
+                        return texts
+                elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    raise AssertionError(f"websocket ended: {msg}")
+
+    texts = asyncio.run(collect())
+    on_sampler = [text for node, text in texts if node == "sample"]
+    assert on_sampler and "Warning: The box is too small" in on_sampler[-1], texts
