@@ -110,6 +110,7 @@ class LayerResult:
     fg_latent / comp_latent: normalised Flux latents at the processing size, [N, 16, h, w].
     composite: the composite branch decoded with the Flux VAE and resized back to the input size, [N, 3, H0, W0].
     processing_size / original_size: (W, H) of the model run and of the inputs.
+    transformer_calls / full_evaluations: transformer calls made, and how many ran every block (step caching).
     """
 
     fg_latent: torch.Tensor
@@ -117,6 +118,8 @@ class LayerResult:
     composite: torch.Tensor
     processing_size: tuple[int, int]
     original_size: tuple[int, int]
+    transformer_calls: int = 0
+    full_evaluations: int = 0
 
 
 class BFSPipeline:
@@ -184,6 +187,7 @@ class BFSPipeline:
         short_side,
         callback,
         interrupt,
+        cache_threshold=0.0,
     ) -> LayerResult:
         size, original, mask, prompt_embeds, pooled = self._prepare(
             background, mask, prompt_embeds, pooled, short_side
@@ -211,6 +215,7 @@ class BFSPipeline:
             generator=generator,
             callback=callback,
             interrupt=interrupt,
+            cache_threshold=cache_threshold,
         )
         comp_latent, fg_latent = unpack_latents(result.comp, h, w), unpack_latents(result.fg, h, w)
         composite_out = resize_images(self.decode_latents(comp_latent), original)
@@ -220,6 +225,8 @@ class BFSPipeline:
             composite=composite_out,
             processing_size=size,
             original_size=original,
+            transformer_calls=result.transformer_calls,
+            full_evaluations=result.full_evaluations,
         )
 
     def generate(
@@ -235,6 +242,7 @@ class BFSPipeline:
         short_side: int = 512,
         callback: StepCallback | None = None,
         interrupt: InterruptCheck | None = None,
+        cache_threshold: float = 0.0,
     ) -> LayerResult:
         """BG2FG: a foreground layer (latent) for the masked region of `background`, and the composite."""
         return self._run(
@@ -250,6 +258,7 @@ class BFSPipeline:
             short_side=short_side,
             callback=callback,
             interrupt=interrupt,
+            cache_threshold=cache_threshold,
         )
 
     def extract(
@@ -266,6 +275,7 @@ class BFSPipeline:
         short_side: int = 512,
         callback: StepCallback | None = None,
         interrupt: InterruptCheck | None = None,
+        cache_threshold: float = 0.0,
     ) -> LayerResult:
         """Extract Foreground: the foreground layer (with its effects) of `composite` over `background`."""
         _check_images("composite", composite, 3)
@@ -287,6 +297,7 @@ class BFSPipeline:
             short_side=short_side,
             callback=callback,
             interrupt=interrupt,
+            cache_threshold=cache_threshold,
         )
 
 

@@ -801,6 +801,8 @@ class DecompositionResult:
     bg_latent: torch.Tensor
     processing_size: tuple[int, int]
     original_size: tuple[int, int]
+    transformer_calls: int = 0  # transformer calls made, and how many ran every block (step caching)
+    full_evaluations: int = 0
 
 
 class DecompositionPipeline:
@@ -854,6 +856,7 @@ class DecompositionPipeline:
         paste_margin: int = 2,
         callback: StepCallback | None = None,
         interrupt: InterruptCheck | None = None,
+        cache_threshold: float = 0.0,
     ) -> DecompositionResult:
         """Split `image` into the object under `mask` (RGBA, occlusions completed) and the background without it.
 
@@ -865,6 +868,7 @@ class DecompositionPipeline:
             short_side: processing size (see `pipeline.processing_size`); results are mapped back to H × W.
             paste_margin: the background keeps the input's pixels outside the mask grown by this many pixels (at
                 the input size); only the region under the object is replaced by the generated layer.
+            cache_threshold: step caching (bfs_core/sampling/step_cache.py); 0 = exact.
         """
         if image.ndim != 4 or image.shape[1] != 3:
             raise ValueError(f"`image` must be [N, 3, H, W] but got {list(image.shape)}.")
@@ -922,6 +926,7 @@ class DecompositionPipeline:
             generator=torch.Generator("cpu").manual_seed(seed),
             callback=callback,
             interrupt=interrupt,
+            cache_threshold=cache_threshold,
         )
         bg_latent, fg_latent = unpack_latents(result.comp, h, w).float(), unpack_latents(result.fg, h, w).float()
 
@@ -942,6 +947,8 @@ class DecompositionPipeline:
             bg_latent=bg_latent,
             processing_size=size,
             original_size=original,
+            transformer_calls=result.transformer_calls,
+            full_evaluations=result.full_evaluations,
         )
 
 

@@ -22,6 +22,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..finite import check_branch_finite, check_finite
+from .step_cache import step_cache
 
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
@@ -113,6 +114,8 @@ class DualSample:
 
     comp: torch.Tensor
     fg: torch.Tensor
+    transformer_calls: int = 0  # transformer calls made (one per step)
+    full_evaluations: int = 0  # calls that ran every block (fewer than the calls with step caching)
 
 
 def initial_noise(
@@ -149,6 +152,7 @@ def sample_dual(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     interrupt: InterruptCheck | None = None,
+    cache_threshold: float = 0.0,
 ) -> DualSample:
     """Integrate the dual-branch flow with Euler steps from sigma = 1 to 0.
 
@@ -161,6 +165,7 @@ def sample_dual(
         noise: explicit starting noise (comp, fg), else drawn from `generator` as `model.config.noise` says.
         callback: called as `callback(step_index, steps, fg_latents)` after every step.
         interrupt: called before every step; returning True (or raising) stops sampling.
+        cache_threshold: step caching (`step_cache.py`: First-Block-Cache, both branches decide together); 0 = exact.
 
     Raises:
         NonFiniteInputError: an input holds NaN/inf (named).
@@ -189,6 +194,19 @@ def sample_dual(
         comp = comp_clean.to(device=device, dtype=dtype)
 
     scheduler = make_scheduler(scheduler_config, steps, length, device)
+    with step_cache(model, cache_threshold) as cache_stats:
+        comp, fg = _denoise(
+            model, scheduler, mode, comp, fg, fill_cond, prompt_embeds, pooled, img_ids, guidance, callback, interrupt
+        )
+    return DualSample(
+        comp=comp, fg=fg, transformer_calls=cache_stats.calls, full_evaluations=cache_stats.full_evaluations
+    )
+
+
+def _denoise(
+    model, scheduler, mode, comp, fg, fill_cond, prompt_embeds, pooled, img_ids, guidance, callback, interrupt
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, dtype = comp.shape[0], model.dtype
     total = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
         if interrupt is not None and interrupt():
@@ -208,4 +226,4 @@ def sample_dual(
         check_branch_finite("fg", fg, i + 1, total)
         if callback is not None:
             callback(i, total, fg)
-    return DualSample(comp=comp, fg=fg)
+    return comp, fg
