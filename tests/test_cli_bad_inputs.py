@@ -150,6 +150,8 @@ CASES = [
     ("gen-empty-background", _generate(background="{empty_png}"), "the file is empty", "{empty_png}"),
     ("gen-folder-background", _generate(background="{folder}"), "is a folder", "{folder}"),
     ("gen-box-three-numbers", _generate(box="1,2,3"), "four integers", "--box"),
+    ("gen-cache-threshold-word", _generate(cache_threshold="quick"), "a number >= 0 or 'fast'", "--cache-threshold"),
+    ("gen-cache-threshold-negative", _generate(cache_threshold="-1"), "a number >= 0", "--cache-threshold"),
     ("gen-box-letters", _generate(box="a,b,c,d"), "four integers", "--box"),
     ("gen-box-inverted", _generate(box="50,20,10,70"), "empty or inverted", "--box"),
     ("gen-box-outside", _generate(box="10,20,500,70"), "reaches outside the 96×80 image", "--box"),
@@ -227,6 +229,7 @@ CASES = [
     ("evaluate-toy-out-in-proc", "evaluate-toy --count 2 --out /proc/toy", "inside /proc", "/proc/toy.md"),
     ("make-tiny-into-a-file", "make-tiny {bg}", "is a file", "{bg}"),
     # decompose
+    ("decompose-cache-threshold-nan", _decompose(cache_threshold="nan"), "a number >= 0", "--cache-threshold"),
     ("decompose-weights-truncated", _decompose(weights="{trunc_decomp}"), "not a complete safetensors file",
      "{trunc_decomp}"),
     ("decompose-weights-bfs-file", _decompose(weights="{bfs_release}"), "is not a decomposition weights file",
@@ -312,12 +315,12 @@ def read_only_dir(tmp_path):
 @pytest.mark.parametrize("command", ["save-layers {bg} {layer} --out {ro}/scene.psd", _generate(out="{ro}/results")],
                          ids=["save-layers", "generate"])  # fmt: skip
 def test_unwritable_out_is_found_before_any_model_loads(files, read_only_dir, monkeypatch, capsys, command):
-    import bfs_core.pipeline
+    import bfs_core.pipelines.loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before --out was checked")
 
-    monkeypatch.setattr(bfs_core.pipeline, "load_pipeline", no_loading)
+    monkeypatch.setattr(bfs_core.pipelines.loading, "load_pipeline", no_loading)
     argv = shlex.split(command.format(ro=read_only_dir, out="unused", **{k: str(v) for k, v in files.items()}))
     assert main(argv) == 2
     lines = _error_lines(capsys.readouterr().err)

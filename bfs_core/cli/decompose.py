@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..sampling.step_cache import parse_cache_threshold
 from .checks import check_image, check_output_dir, check_weights, output_folder
 
 
@@ -29,6 +30,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "bfs_core/models/layer_decomposition.py, as the node)")  # fmt: skip
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--cache-threshold",
+        default="0",
+        help="step caching: 0 = exact (default), `fast` = the documented speed setting, or a number (higher = fewer "
+        "full transformer evaluations, see the README's 'Step caching')",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +66,8 @@ def load_components(args, baseline: bool = False):
     from bfs_core.models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config
     from bfs_core.models.layer_decomposition import FluxFillBaseline, load_decomposition_model
     from bfs_core.models.rgba_vae import load_rgba_decoder
-    from bfs_core.pipeline import DiffusersFluxVAE, load_flux_vae, parse_dtype
+    from bfs_core.pipelines.codec import DiffusersFluxVAE
+    from bfs_core.pipelines.loading import load_flux_vae, parse_dtype
 
     _check_paths(args, ["base", "weights", "vae", "rgba-vae", "text-encoders", "depth-model", "segmentation-model"])
     dtype, base = parse_dtype(args.dtype), Path(args.base)
@@ -114,7 +122,7 @@ def run(args) -> int:
     from bfs_core.decomposition_eval import load_image, save_image
     from bfs_core.errors import UserInputError
     from bfs_core.layered_files import write_layered_file
-    from bfs_core.models.layer_decomposition import DecompositionPipeline
+    from bfs_core.pipelines.decomposition import DecompositionPipeline
 
     sizes = {flag: check_image(getattr(args, flag), f"--{flag}")
              for flag in ("image", "mask", "edge", "segmentation", "depth") if getattr(args, flag)}  # fmt: skip
@@ -129,6 +137,8 @@ def run(args) -> int:
     mask = load_image(Path(args.mask), "L")
     given = {k: load_image(Path(getattr(args, k)), "RGB") if getattr(args, k) else None
              for k in ("edge", "segmentation", "depth")}  # fmt: skip
+    # Checked before any model loads.
+    cache_threshold = parse_cache_threshold(args.cache_threshold, "--cache-threshold")
     model, codec, decoder, encoders, scheduler = load_components(args)
     maps = estimated_maps(args, image, given)
     embeds, pooled = encoders.encode([args.prompt])
@@ -136,6 +146,7 @@ def run(args) -> int:
         image, mask, embeds, pooled, **maps, compute_edges=not args.no_edges, seed=args.seed, steps=args.steps,
         guidance=args.guidance, short_side=resolved_short_side(args),
         callback=lambda i, total, _: print(f"step {i + 1}/{total}", end="\r", flush=True),
+        cache_threshold=cache_threshold,
     )  # fmt: skip
     print()
     with output_folder(out):

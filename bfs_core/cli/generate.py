@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from ..atomic import atomic_path
+from ..sampling.step_cache import parse_cache_threshold
 from .checks import check_output_dir, check_weights, load_image, output_folder, parse_box
 
 
@@ -30,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--short-side", type=int, default=512, help="processing short side (0 = keep size)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--cache-threshold",
+        default="0",
+        help="step caching: 0 = exact (default), `fast` = the documented speed setting, or a number (higher = fewer "
+        "full transformer evaluations, see the README's 'Step caching')",
+    )
 
 
 def _save_image(tensor: torch.Tensor, path: Path) -> Path:
@@ -64,7 +71,7 @@ INPUT_NAMES = {"base": "--base", "bfs": "--bfs", "vae": "--vae", "text_encoders"
 
 def run(args) -> int:
     from bfs_core.models.rgba_vae import save_latent_file
-    from bfs_core.pipeline import load_pipeline, parse_dtype
+    from bfs_core.pipelines.loading import load_pipeline, parse_dtype
 
     # Everything the user typed is checked before any model is loaded; --out is created only to write results.
     for flag in ("base", "bfs", "vae", "text-encoders", "rgba-vae"):
@@ -73,6 +80,7 @@ def run(args) -> int:
     background = load_image(args.background, "--background", "RGB")
     mask = region_mask(args, *background.shape[-2:])
     dtype = parse_dtype(args.dtype)
+    cache_threshold = parse_cache_threshold(args.cache_threshold, "--cache-threshold")
     pipe = load_pipeline(
         args.base,
         args.bfs,
@@ -100,8 +108,11 @@ def run(args) -> int:
         guidance=args.guidance,
         short_side=args.short_side,
         callback=lambda i, total, _: print(f"step {i + 1}/{total}", end="\r", flush=True),
+        cache_threshold=cache_threshold,
     )
     print()
+    if result.full_evaluations < result.transformer_calls:
+        print(f"step cache: {result.full_evaluations} of {result.transformer_calls} steps ran the whole transformer")
     rgba = None
     if decoder is not None:
         from bfs_core.layer_math import resize_rgba

@@ -36,16 +36,16 @@ class StepCacheStats:
         return self.calls - self.full_evaluations
 
 
-def parse_cache_threshold(value: str | float) -> float:
-    """A number >= 0, or `fast` for `FAST_THRESHOLD` (the CLI's and the nodes' spelling)."""
+def parse_cache_threshold(value: str | float, name: str = "cache_threshold") -> float:
+    """A number >= 0, or `fast` for `FAST_THRESHOLD` (the CLI's and the nodes' spelling); `name` is the input's."""
     if isinstance(value, str) and value.strip().lower() == "fast":
         return FAST_THRESHOLD
     try:
         threshold = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"`cache_threshold` must be a number >= 0 or 'fast' but got {value!r}.") from None
+        raise ValueError(f"`{name}` must be a number >= 0 or 'fast' but got {value!r}.") from None
     if not threshold >= 0 or threshold != threshold:
-        raise ValueError(f"`cache_threshold` must be a number >= 0 (0 = exact) but got {value!r}.")
+        raise ValueError(f"`{name}` must be a number >= 0 (0 = exact) or 'fast' but got {value!r}.")
     return threshold
 
 

@@ -61,25 +61,33 @@ class Predictions:
     foreground: torch.Tensor  # [N, 4, H, W] BG2FG layers (straight RGBA)
     composite: torch.Tensor  # [N, 3, H, W] the composite branch
     extracted: torch.Tensor  # [N, 4, H, W] Extract Foreground on the true composites
+    transformer_calls: int = 0  # transformer calls made (one per sampling step)
+    full_evaluations: int = 0  # calls that ran every block (fewer with step caching)
 
 
 @torch.no_grad()
-def predict(pipe, rgba, scenes: list[Scene], *, steps: int = 20, seed: int = 0, batch: int = 16) -> Predictions:
+def predict(
+    pipe, rgba, scenes: list[Scene], *, steps: int = 20, seed: int = 0, batch: int = 16, cache_threshold: float = 0.0
+) -> Predictions:
     from .models import MAX_SEQUENCE_LENGTH
 
     out = {"foreground": [], "composite": [], "extracted": []}
+    calls = full = 0
     for i in range(0, len(scenes), batch):
         chunk = scenes[i : i + batch]
         bg, comp = to_tensor([s.background for s in chunk]), to_tensor([s.composite for s in chunk])
         mask = box_masks(chunk)
         embeds, pooled = pipe.text_encoders.encode([s.caption for s in chunk], max_sequence_length=MAX_SEQUENCE_LENGTH)
-        kwargs = dict(seed=seed + i, steps=steps, guidance=30.0, short_side=0)
+        kwargs = dict(seed=seed + i, steps=steps, guidance=30.0, short_side=0, cache_threshold=cache_threshold)
         gen = pipe.generate(bg, mask, embeds, pooled, **kwargs)
         ext = pipe.extract(comp, bg, mask, embeds, pooled, **kwargs)
         out["foreground"].append(rgba.decode(gen.fg_latent))
         out["composite"].append(gen.composite)
         out["extracted"].append(rgba.decode(ext.fg_latent))
-    return Predictions(**{k: torch.cat(v) for k, v in out.items()})
+        calls += gen.transformer_calls + ext.transformer_calls
+        full += gen.full_evaluations + ext.full_evaluations
+    tensors = {k: torch.cat(v) for k, v in out.items()}
+    return Predictions(**tensors, transformer_calls=calls, full_evaluations=full)
 
 
 def ground_truth(scenes: list[Scene]) -> Predictions:
@@ -213,21 +221,76 @@ def evaluate(pipe, rgba, count: int = 32, steps: int = 20, seed: int = 0) -> dic
     }
 
 
-__all__ = ["METRICS", "evaluate", "format_table", "heldout_scenes", "predict", "score", "SHAPES"]
+def sweep(
+    weights: str | None, settings: list[tuple[int, float]], count: int = 64, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """One row per (steps, cache_threshold): every toy metric plus the transformer evaluations it took, against
+    the exact model at the same steps. For the step-caching trade and the steps-vs-quality curve."""
+    from .models import load_toy
+
+    scenes = heldout_scenes(count)
+    pipe, rgba = load_toy(weights)
+    rows = {}
+    for steps, threshold in settings:
+        preds = predict(pipe, rgba, scenes, steps=steps, seed=seed, cache_threshold=threshold)
+        row = score(scenes, preds)
+        row["full_evals"] = preds.full_evaluations
+        row["calls"] = preds.transformer_calls
+        rows[f"steps {steps}, cache {threshold:g}"] = row
+        logger.info("steps %d cache %g: %s", steps, threshold, row)
+    return rows
+
+
+def format_sweep(rows: dict[str, dict[str, float]]) -> str:
+    header = "| setting | evals (of calls) | speed-up | " + " | ".join(METRICS) + " |"
+    lines = [header, "|" + "---|" * (3 + len(METRICS))]
+    for name, values in rows.items():
+        cells = [f"{values[m]:.1f}" if m == "shadow_err_deg" else f"{values[m]:.3f}" for m in METRICS]
+        speed = values["calls"] / max(values["full_evals"], 1)
+        lines.append(
+            f"| {name} | {values['full_evals']} ({values['calls']}) | {speed:.2f}x | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "METRICS",
+    "SHAPES",
+    "evaluate",
+    "format_sweep",
+    "format_table",
+    "heldout_scenes",
+    "predict",
+    "score",
+    "sweep",
+]
 
 
 def evaluate_variants(
-    weights: str | None, variants: dict[str, str], count: int = 64, steps: int = 20, seed: int = 0
+    weights: str | None,
+    variants: dict[str, str],
+    count: int = 64,
+    steps: int = 20,
+    seed: int = 0,
+    cache_threshold: float = 0.0,
+    evals: dict[str, int] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """The shipped model (or each variant's BFS weights on the same base), then chance and ground truth."""
+    """The shipped model (or each variant's BFS weights on the same base), then chance and ground truth.
+
+    `evals`, when given, receives the transformer calls made (`exact_evals`) and the full evaluations among them
+    (`transformer_evals`; fewer with `cache_threshold` > 0).
+    """
     from .models import load_toy
 
     scenes = heldout_scenes(count)
     rows, first = {}, None
     for name, bfs in ({"model": None} if not variants else variants).items():
         pipe, rgba = load_toy(weights, bfs=bfs)
-        preds = predict(pipe, rgba, scenes, steps=steps, seed=seed)
+        preds = predict(pipe, rgba, scenes, steps=steps, seed=seed, cache_threshold=cache_threshold)
         rows[name] = score(scenes, preds)
+        if evals is not None:
+            evals["exact_evals"] = evals.get("exact_evals", 0) + preds.transformer_calls
+            evals["transformer_evals"] = evals.get("transformer_evals", 0) + preds.full_evaluations
         first = first or preds
         logger.info("%s: %s", name, rows[name])
     rows["chance (shuffled)"] = score(scenes, first, shift=1)
