@@ -8,11 +8,8 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from ..bfs_core.models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config
-from ..bfs_core.models.layer_decomposition import (
-    DEFAULT_SHORT_SIDE,
-    DecompositionPipeline,
-    apply_decomposition_weights,
-)
+from ..bfs_core.models.layer_decomposition import DEFAULT_SHORT_SIDE, apply_decomposition_weights
+from ..bfs_core.pipelines.decomposition import DecompositionPipeline
 from .common import ComfyFluxVAE, PatchedModel, flux_text, image_from_core, image_to_core, mask_to_core, progress
 from .loaders import RGBA_VAE, WeightDtype, check_model_file
 

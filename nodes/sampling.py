@@ -7,7 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 from server import PromptServer
 from typing_extensions import override
 
-from ..bfs_core.pipeline import BFSPipeline
+from ..bfs_core.pipelines.bfs import BFSPipeline
 from ..bfs_core.toy.guard import run_toy
 from .common import (
     ComfyFluxVAE,

@@ -13,7 +13,7 @@ import torch
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-from ..bfs_core.pipeline import DiffusersFluxVAE
+from ..bfs_core.pipelines.codec import DiffusersFluxVAE
 from ..bfs_core.toy.demo import background_image
 from ..bfs_core.toy.models import encode_toy_prompt, load_toy
 from ..bfs_core.toy.world import COLOURS, SHAPES, SIZE, vocabulary

@@ -150,7 +150,8 @@ def test_decomposition_short_side_default_is_one_constant(tiny, tmp_path, monkey
     from PIL import Image
 
     from bfs_core.__main__ import main
-    from bfs_core.models.layer_decomposition import DEFAULT_SHORT_SIDE, DecompositionPipeline
+    from bfs_core.models.layer_decomposition import DEFAULT_SHORT_SIDE
+    from bfs_core.pipelines.decomposition import DecompositionPipeline
 
     assert DEFAULT_SHORT_SIDE == 1024
     assert inspect.signature(DecompositionPipeline.decompose).parameters["short_side"].default == DEFAULT_SHORT_SIDE

@@ -203,7 +203,7 @@ def _move_toy(models, device=None, dtype=None):
 def _build_flux_vae(dtype):
     from diffusers import AutoencoderKL
 
-    from bfs_core.pipeline import DiffusersFluxVAE
+    from bfs_core.pipelines.codec import DiffusersFluxVAE
 
     return DiffusersFluxVAE(AutoencoderKL.from_pretrained(TINY["vae"], torch_dtype=dtype, local_files_only=True))
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bfs_core.finite import NonFiniteInputError, NonFiniteSamplingError, check_finite
-from bfs_core.models.layer_decomposition import DecompositionPipeline
+from bfs_core.pipelines.decomposition import DecompositionPipeline
 from bfs_core.toy.demo import _mask, background_image
 from bfs_core.toy.models import MAX_SEQUENCE_LENGTH, load_toy
 

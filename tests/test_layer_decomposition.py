@@ -15,7 +15,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from bfs_core.models.layer_decomposition import (
     FILL_IN_CHANNELS,
     DecompositionConfig,
-    DecompositionPipeline,
     FluxFillBaseline,
     MultiModalLatentFusion,
     apply_decomposition_weights,
@@ -24,7 +23,8 @@ from bfs_core.models.layer_decomposition import (
     save_decomposition_weights,
 )
 from bfs_core.models.rgba_vae import ReleaseTransparencyVAE, tiny_release_vae
-from bfs_core.pipeline import DiffusersFluxVAE
+from bfs_core.pipelines.codec import DiffusersFluxVAE
+from bfs_core.pipelines.decomposition import DecompositionPipeline
 from bfs_core.sampling.flow_match import latent_image_ids
 
 

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from bfs_core.pipeline import BFSPipeline, load_pipeline, processing_size
+from bfs_core.image_ops import processing_size
+from bfs_core.pipelines.bfs import BFSPipeline
+from bfs_core.pipelines.loading import load_pipeline
 from bfs_core.tiny import write_tiny_set
 
 

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from bfs_core.decomposition_eval import build_case_set, evaluate, format_table, read_cases, write_report
-    from bfs_core.models.layer_decomposition import DecompositionPipeline
+    from bfs_core.pipelines.decomposition import DecompositionPipeline
 
     if args.build_cases:
         build_case_set(args.build_cases, args.cases, count=args.num_cases, size=args.case_size)

@@ -38,7 +38,7 @@ def load_rgb(path: pathlib.Path, batch: int) -> torch.Tensor:
 def run(args: argparse.Namespace) -> int:
     from bfs_core.errors import UserInputError
     from bfs_core.models.rgba_vae import load_latent_file, load_rgba_decoder
-    from bfs_core.pipeline import load_flux_vae, parse_dtype
+    from bfs_core.pipelines.loading import load_flux_vae, parse_dtype
 
     check_weights(args.vae, "--vae")
     check_weights(args.flux_vae, "--flux-vae")

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..image_ops import resize_images
 from ..layer_math import box_from_mask, mask_from_box
-from ..pipeline import LayerResult, resize_images
+from ..pipelines.bfs import LayerResult
 from .world import (
     BOX_SIDE_RANGE,
     FOOT_ABOVE_HORIZON,

@@ -107,7 +107,7 @@ def check_toy_weights(root: str | Path | None = None, need_bfs: bool = True) -> 
 def load_toy(root: str | Path | None = None, bfs: str | Path | None = None, device: str = "cpu"):
     """(BFSPipeline, RGBA decoder) for the toy model at `root` (default: the committed one), in fp32."""
     from ..models.rgba_vae import load_rgba_decoder
-    from ..pipeline import load_pipeline
+    from ..pipelines.loading import load_pipeline
 
     paths = check_toy_weights(root, need_bfs=bfs is None)
     pipe = load_pipeline(str(paths["flux_fill"]), str(bfs or paths["bfs"]), dtype=torch.float32, device=device)
