@@ -4,12 +4,15 @@ Folder layout (as in black-forest-labs/FLUX.1-Fill-dev): ``text_encoder/`` (CLIP
 ``text_encoder_2/`` (T5EncoderModel), ``tokenizer_2/``. Everything is read with ``local_files_only=True``.
 """
 
+import json
 import logging
 import os
 import pathlib
 import string
+import tempfile
 
 import torch
+import transformers
 from transformers import (
     AutoTokenizer,
     CLIPTextConfig,
@@ -36,6 +39,11 @@ _TINY_WORDS = (
     "wooden small large bright dark shadow standing sitting on top near"
 ).split()
 _TINY_CHARS = string.ascii_lowercase + string.digits + ".,!?'-:;()"
+# transformers 5 builds CLIP/T5 tokenizers from in-memory vocabularies; 4.x reads CLIP's from files and has no T5
+# tokenizer without a SentencePiece model but the `tokenizers`-backed T5TokenizerFast. 4.56 renamed from_pretrained's
+# `torch_dtype` to `dtype` (4.50-4.55 ignore `dtype`, 5.x warns on `torch_dtype`).
+_TRANSFORMERS = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+_DTYPE_KWARG = "dtype" if _TRANSFORMERS >= (4, 56) else "torch_dtype"
 
 
 def _tiny_clip_tokenizer() -> CLIPTokenizer:
@@ -59,7 +67,13 @@ def _tiny_clip_tokenizer() -> CLIPTokenizer:
             pieces = [merged, *pieces[2:]]
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=_CLIP_MAX_LENGTH)
+    if _TRANSFORMERS >= (5, 0):
+        return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=_CLIP_MAX_LENGTH)
+    with tempfile.TemporaryDirectory() as folder:  # transformers 4.x: the same vocabulary, through its two files
+        vocab_file, merges_file = pathlib.Path(folder, "vocab.json"), pathlib.Path(folder, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=_CLIP_MAX_LENGTH)
 
 
 def _tiny_t5_tokenizer() -> T5Tokenizer:
@@ -67,7 +81,21 @@ def _tiny_t5_tokenizer() -> T5Tokenizer:
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [("▁" + word, -1.0) for word in _TINY_WORDS]
     vocab += [(c, -3.0) for c in _TINY_CHARS + string.ascii_uppercase]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=_T5_MAX_LENGTH)
+    if _TRANSFORMERS >= (5, 0):
+        return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=_T5_MAX_LENGTH)
+    # transformers 4.x: the Unigram model transformers 5's T5Tokenizer builds, wrapped in T5TokenizerFast.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    metaspace = {"replacement": "▁", "prepend_scheme": "always", "split": True}
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**metaspace)]
+    )
+    backend.decoder = decoders.Metaspace(**metaspace)
+    backend.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+    )
+    return transformers.T5TokenizerFast(tokenizer_object=backend, extra_ids=0, model_max_length=_T5_MAX_LENGTH)
 
 
 def _check_folder(root: pathlib.Path, input_name: str = "root") -> None:
@@ -140,11 +168,11 @@ class FluxTextEncoders:
             tokenizer_2 = AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
         with reading_folder(root / "text_encoder", name, "the CLIP-L text encoder folder"):
             text_encoder = CLIPTextModel.from_pretrained(
-                root / "text_encoder", dtype=torch_dtype, local_files_only=True
+                root / "text_encoder", **{_DTYPE_KWARG: torch_dtype}, local_files_only=True
             )
         with reading_folder(root / "text_encoder_2", name, "the T5-XXL text encoder folder"):
             text_encoder_2 = T5EncoderModel.from_pretrained(
-                root / "text_encoder_2", dtype=torch_dtype, local_files_only=True
+                root / "text_encoder_2", **{_DTYPE_KWARG: torch_dtype}, local_files_only=True
             )
         text_encoder.to(device).eval()
         text_encoder_2.to(device).eval()
