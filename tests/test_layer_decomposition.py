@@ -12,13 +12,13 @@ from conftest import make_tiny_flux
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from bfs_core.conditioning import canny_edges
 from bfs_core.models.layer_decomposition import (
     FILL_IN_CHANNELS,
     DecompositionConfig,
     FluxFillBaseline,
     MultiModalLatentFusion,
     apply_decomposition_weights,
-    canny_edges,
     initial_decomposition_model,
     save_decomposition_weights,
 )
@@ -413,7 +413,7 @@ def estimator_dirs(tmp_path_factory):
 
 @pytest.fixture
 def fresh_estimators():
-    from bfs_core.models.layer_decomposition import clear_auxiliary_models
+    from bfs_core.conditioning import clear_auxiliary_models
 
     clear_auxiliary_models()
     yield
@@ -425,11 +425,11 @@ def fresh_estimators():
 def test_estimators_load_once_and_match_a_direct_transformers_run(kind, estimator_dirs, monkeypatch):
     import transformers
 
-    from bfs_core.models import layer_decomposition as ld
+    from bfs_core import conditioning
 
     auto = {"depth": transformers.AutoModelForDepthEstimation,
             "segmentation": transformers.AutoModelForSemanticSegmentation}[kind]  # fmt: skip
-    estimate = {"depth": ld.estimate_depth, "segmentation": ld.estimate_segmentation}[kind]
+    estimate = {"depth": conditioning.estimate_depth, "segmentation": conditioning.estimate_segmentation}[kind]
     folder = estimator_dirs[kind]
     loads, original = [], auto.from_pretrained
 
@@ -469,9 +469,9 @@ def test_estimators_load_once_and_match_a_direct_transformers_run(kind, estimato
 @pytest.mark.parametrize("kind", ["depth", "segmentation"])
 def test_estimators_run_on_the_requested_device(kind, estimator_dirs):
     """`meta` stands in for CUDA: any tensor the estimator left on the CPU would raise."""
-    from bfs_core.models import layer_decomposition as ld
+    from bfs_core import conditioning
 
-    estimate = {"depth": ld.estimate_depth, "segmentation": ld.estimate_segmentation}[kind]
+    estimate = {"depth": conditioning.estimate_depth, "segmentation": conditioning.estimate_segmentation}[kind]
     images = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(1))
     out = estimate(images, estimator_dirs[kind], device="meta")
     assert out.device.type == "meta" and out.shape == (1, 3, 40, 48)
@@ -482,8 +482,8 @@ def test_decompose_command_runs_the_estimators_on_its_device(monkeypatch):
     (the estimators themselves are tested above; here only what the command asks of them)."""
     import argparse
 
+    from bfs_core import conditioning
     from bfs_core.cli.decompose import estimated_maps
-    from bfs_core.models import layer_decomposition as ld
 
     calls = []
 
@@ -494,8 +494,8 @@ def test_decompose_command_runs_the_estimators_on_its_device(monkeypatch):
 
         return estimate
 
-    monkeypatch.setattr(ld, "estimate_depth", spy("depth", 0.25))
-    monkeypatch.setattr(ld, "estimate_segmentation", spy("segmentation", 0.75))
+    monkeypatch.setattr(conditioning, "estimate_depth", spy("depth", 0.25))
+    monkeypatch.setattr(conditioning, "estimate_segmentation", spy("segmentation", 0.75))
     image = torch.rand(1, 3, 8, 8)
     args = argparse.Namespace(depth_model="d", segmentation_model="s", device="cuda:3")
     maps = estimated_maps(args, image, {"edge": None, "depth": None, "segmentation": None})

@@ -107,7 +107,7 @@ def load_components(args, baseline: bool = False):
 
 
 def estimated_maps(args, image: torch.Tensor, given: dict) -> dict:
-    from bfs_core.models.layer_decomposition import estimate_depth, estimate_segmentation
+    from bfs_core.conditioning import estimate_depth, estimate_segmentation
 
     maps = dict(given)  # the estimators run on --device; their maps come back beside the image
     if maps.get("depth") is None and args.depth_model:

@@ -37,7 +37,6 @@ def _check_images(name: str, images: torch.Tensor, channels: int) -> None:
         raise ValueError(f"`{name}` values must be in [0, 1] but range over [{images.min():.3f}, {images.max():.3f}].")
 
 
-
 @dataclass
 class LayerResult:
     """What one BG2FG or extraction call gives back.

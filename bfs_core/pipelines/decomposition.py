@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..conditioning import canny_edges
 from ..finite import check_finite
 from ..image_ops import processing_size, resize_images, resize_mask
 from ..layer_math import dilate_mask, resize_rgba
-from ..models.layer_decomposition import DEFAULT_SHORT_SIDE, canny_edges
+from ..models.layer_decomposition import DEFAULT_SHORT_SIDE
 from ..sampling.flow_match import (
     InterruptCheck,
     StepCallback,
