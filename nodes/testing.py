@@ -6,7 +6,8 @@ CONDITIONING with `BFSTestConditioning`: the same structure CLIPTextEncode gives
 
 `BFSTestTensor` makes the bad inputs no stock node makes (tests/comfyui/test_bad_inputs_api.py): an IMAGE, MASK and
 LATENT of any size, batch and channel count, optionally with one NaN or infinite value in it. The conditioning node can
-poison its tokens the same way, repeat them over a batch, or leave out the pooled output.
+poison its tokens the same way, repeat them over a batch, or leave out the pooled output. `BFSTestNaNModel` hands out
+a copy of a BFS_MODEL whose prediction for one branch turns NaN at one step, to see the sampler stop there.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from enum import Enum
 import torch
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
+
+from .loaders import BFS_MODEL
 
 
 class Poison(str, Enum):
@@ -95,7 +98,53 @@ class TestTensor(io.ComfyNode):
         return io.NodeOutput(image, mask, {"samples": latent})
 
 
+class NaNAtStep(torch.nn.Module):
+    """Wraps a dual-branch model: its `branch` prediction is NaN at sampling step `step` (1-based) of every run."""
+
+    def __init__(self, inner: torch.nn.Module, step: int, branch: str):
+        super().__init__()
+        self.inner, self.step, self.branch, self.calls = inner, step, branch, 0
+
+    def forward(self, comp, fg, fill_cond, prompt_embeds, pooled, t_comp, t_fg, img_ids, guidance):
+        self.calls = 1 if bool((t_fg == 1).all()) else self.calls + 1  # sigma 1: the first step of a run
+        v_comp, v_fg = self.inner(comp, fg, fill_cond, prompt_embeds, pooled, t_comp, t_fg, img_ids, guidance)
+        if self.calls == self.step and self.branch == "comp":
+            v_comp = v_comp.clone()
+            v_comp[:, 0, 0] = float("nan")  # [N, L, 64]: the first token's first channel
+        elif self.calls == self.step:
+            v_fg = v_fg.clone()
+            v_fg[:, 0, 0] = float("nan")
+        return v_comp, v_fg
+
+    def __getattr__(self, name):  # dtype, device, config, latent_channels, check_conditioning, ...: the model's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+class TestNaNModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BFSTestNaNModel",
+            display_name="BFS Test NaN Model (tests only)",
+            category="BFS/testing",
+            inputs=[
+                BFS_MODEL.Input("bfs_model", tooltip="The model to copy (left unchanged)."),
+                io.Int.Input("step", default=1, min=1, max=1000, tooltip="The step whose prediction turns NaN."),
+                io.Combo.Input("branch", options=["comp", "fg"], default="fg", tooltip="Which branch."),
+            ],
+            outputs=[BFS_MODEL.Output(display_name="bfs_model")],
+        )  # fmt: skip
+
+    @classmethod
+    def execute(cls, bfs_model, step, branch) -> io.NodeOutput:
+        inner = NaNAtStep(bfs_model.patcher.model.inner, step, branch)
+        return io.NodeOutput(type(bfs_model).wrap(inner, bfs_model.scheduler_config, f"{bfs_model.name} + NaN"))
+
+
 class TestingNodes(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TestConditioning, TestTensor]
+        return [TestConditioning, TestTensor, TestNaNModel]

@@ -125,6 +125,18 @@ def _bad_positive(**inputs) -> Callable[[dict], dict]:
     return change
 
 
+def _nan_model(step: int, branch: str) -> Callable[[dict], dict]:
+    """The toy model copied by BFSTestNaNModel: `branch` turns NaN at `step` of 3 (the toy itself is left alone)."""
+
+    def change(g: dict) -> dict:
+        g["nan_model"] = {"class_type": "BFSTestNaNModel", "inputs": {"bfs_model": ["toy", 0], "step": step,
+                                                                      "branch": branch}}  # fmt: skip
+        g["sample"]["inputs"].update(bfs_model=["nan_model", 0], steps=3)
+        return g
+
+    return change
+
+
 def _link(node: str, name: str, link: list) -> Callable[[dict], dict]:
     return _set(node, **{name: link})
 
@@ -186,6 +198,8 @@ CASES = [
          ("`background`", "NaN")),
     Case("nan-save-layer", lambda g: save_layers(g, layer_1=tensor(g, "bad", channels=4, poison="nan")),
          ("`layer_1", "NaN")),
+    Case("nan-during-sampling-comp", _nan_model(step=2, branch="comp"), ("`comp` branch at step 2 of 3",)),
+    Case("nan-during-sampling-fg", _nan_model(step=1, branch="fg"), ("`fg` branch at step 1 of 3",)),
     # -- regions and sizes -------------------------------------------------------------------------------------------
     Case("empty-mask", _bad_mask(value=0.0), ("`mask`", "empty")),
     Case("mask-wrong-size", _bad_mask(width=32, height=32), ("`mask`", "64×64", "[1, 32, 32]")),
@@ -260,6 +274,8 @@ def _png_digest(comfy: ComfyClient, g: dict) -> str:
     """sha256 of the saved foreground's pixels (not the file: PNG metadata carries the prompt)."""
     result = comfy.run(g, timeout=180)
     assert result.ok, result.error
+    cached = [n for event, data in result.messages if event == "execution_cached" for n in data.get("nodes", [])]
+    assert "sample" not in cached, cached  # computed now, not served from ComfyUI's cache
     image = Image.open(comfy.file_path(result.files("save")[0]))
     return hashlib.sha256(image.mode.encode() + image.tobytes()).hexdigest()
 
@@ -288,14 +304,18 @@ def test_bad_input_is_refused_naming_it_and_the_server_keeps_serving(comfy, comf
     missing = [fragment for fragment in case.expected if fragment not in message]
     assert not missing, f"message lacks {missing}: {message}"
     assert "Traceback" not in message and len(message) < 2000
-    ok = comfy.run({"a": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
+    # Still serving. The graph keeps the toy loader (same node, same inputs), so ComfyUI keeps the one loaded model
+    # object in its cache through the whole sweep: anything a bad input did to it shows in the last test.
+    ok = comfy.run({"toy": {"class_type": "BFSLoadToyModel", "inputs": {}},
+                    "a": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
                                                                  "color": 0}},
                     "b": {"class_type": "PreviewImage", "inputs": {"images": ["a", 0]}}}, timeout=60)  # fmt: skip
     assert ok.ok, ok.error
 
 
 def test_no_bad_input_changed_a_later_result(comfy, reference):
-    """After the whole sweep the good graph gives the same bytes (the toy model, its VAE and text encoder untouched).
-    Queued with a new seed first and then the reference seed, so the result is recomputed, not served from cache."""
+    """After the whole sweep the good graph gives the same pixels with the same (cached) toy model object: no bad
+    input altered the model, its VAE or text encoder. Queued with a new seed first and then the reference seed, so
+    the sampler recomputes (checked in `_png_digest`)."""
     _png_digest(comfy, _set("sample", seed=54321)(base_graph()))
     assert _png_digest(comfy, _set("sample", seed=12345)(base_graph())) == reference
