@@ -150,6 +150,25 @@ class PatchedModel:
         return self.patcher.model.inner
 
 
+# -- inputs shared by the samplers ---------------------------------------------------------------------------------
+def cache_threshold_input():
+    from comfy_api.latest import io
+
+    from ..bfs_core.sampling.step_cache import FAST_THRESHOLD
+
+    return io.Float.Input(
+        "cache_threshold",
+        default=0.0,
+        min=0.0,
+        max=1.0,
+        step=0.01,
+        optional=True,
+        tooltip=f"Step caching (First-Block-Cache, both branches together): 0 = exact (default). {FAST_THRESHOLD} is "
+        "the documented fast setting (fewer full transformer evaluations; see the README's 'Step caching'). Higher "
+        "= faster and less exact.",
+    )
+
+
 # -- progress ------------------------------------------------------------------------------------------------------
 def progress(steps: int):
     """(callback, interrupt) for bfs_core: a ComfyUI progress bar and the interrupt button."""

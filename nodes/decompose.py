@@ -10,7 +10,16 @@ from typing_extensions import override
 from ..bfs_core.models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config
 from ..bfs_core.models.layer_decomposition import DEFAULT_SHORT_SIDE, apply_decomposition_weights
 from ..bfs_core.pipelines.decomposition import DecompositionPipeline
-from .common import ComfyFluxVAE, PatchedModel, flux_text, image_from_core, image_to_core, mask_to_core, progress
+from .common import (
+    ComfyFluxVAE,
+    PatchedModel,
+    cache_threshold_input,
+    flux_text,
+    image_from_core,
+    image_to_core,
+    mask_to_core,
+    progress,
+)
 from .loaders import RGBA_VAE, WeightDtype, check_model_file
 
 
@@ -81,6 +90,7 @@ class DecomposeLayers(io.ComfyNode):
                 io.Int.Input("short_side", default=DEFAULT_SHORT_SIDE, min=0, max=4096, step=64,
                              tooltip="Processing size (short side, never upscaled; 0 = input size). The background "
                                      "keeps the input's own pixels outside the mask; the layers are mapped back."),
+                cache_threshold_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="foreground", tooltip="The object as RGBA (4-channel IMAGE)."),
@@ -91,7 +101,7 @@ class DecomposeLayers(io.ComfyNode):
 
     @classmethod
     def execute(cls, decomposition_model, image, mask, positive, vae, rgba_vae, seed, steps, guidance, short_side,
-                edge=None, segmentation=None, depth=None) -> io.NodeOutput:  # fmt: skip
+                edge=None, segmentation=None, depth=None, cache_threshold=0.0) -> io.NodeOutput:  # fmt: skip
         image = image_to_core(image, "image")
         size = (image.shape[-1], image.shape[-2])
         mask = mask_to_core(mask, "mask", size)
@@ -103,7 +113,8 @@ class DecomposeLayers(io.ComfyNode):
         )
         callback, interrupt = progress(steps)
         result = pipe.decompose(image, mask, embeds, pooled, **maps, seed=seed, steps=steps, guidance=guidance,
-                                short_side=short_side, callback=callback, interrupt=interrupt)  # fmt: skip
+                                short_side=short_side, callback=callback, interrupt=interrupt,
+                                cache_threshold=cache_threshold)  # fmt: skip
         fg = image_from_core(result.foreground)
         return io.NodeOutput(fg, fg[..., 3].clone(), image_from_core(result.background))
 

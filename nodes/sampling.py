@@ -12,6 +12,7 @@ from ..bfs_core.toy.guard import run_toy
 from .common import (
     ComfyFluxVAE,
     bounding_box_masks,
+    cache_threshold_input,
     flux_text,
     image_from_core,
     image_to_core,
@@ -39,6 +40,7 @@ def _common_inputs() -> list:
         io.Int.Input("short_side", default=512, min=0, max=2048, step=64,
                      tooltip="Processing size: the short side is resized to this (never upscaled; 512 as trained), "
                              "sides rounded up to multiples of 64. 0 keeps the input size. Results are mapped back."),
+        cache_threshold_input(),
     ]  # fmt: skip
 
 
@@ -50,7 +52,8 @@ def _outputs() -> list:
     ]
 
 
-def _run(model, vae, positive, seed, steps, guidance, short_side, background, mask, composite=None, node_id=None):
+def _run(model, vae, positive, seed, steps, guidance, short_side, background, mask, composite=None, node_id=None,
+         cache_threshold=0.0):  # fmt: skip
     background = image_to_core(background, "background")
     size = (background.shape[-1], background.shape[-2])
     region = bounding_box_masks(mask_to_core(mask, "mask", size))
@@ -59,7 +62,7 @@ def _run(model, vae, positive, seed, steps, guidance, short_side, background, ma
     pipe = BFSPipeline(model.load(), ComfyFluxVAE(vae), model.scheduler_config)
     callback, interrupt = progress(steps)
     common = dict(seed=seed, steps=steps, guidance=guidance, short_side=short_side, callback=callback,
-                  interrupt=interrupt)  # fmt: skip
+                  interrupt=interrupt, cache_threshold=cache_threshold)  # fmt: skip
     messages = []
     if isinstance(model, ToyModelHandle):  # the toy maps any image into its 64×64 world and back, and warns
         run = run_toy(pipe, background, region, embeds, pooled, composite, **common)
@@ -103,9 +106,10 @@ class BG2FGSample(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
-    def execute(cls, bfs_model, background, mask, positive, vae, seed, steps, guidance, short_side) -> io.NodeOutput:
+    def execute(cls, bfs_model, background, mask, positive, vae, seed, steps, guidance, short_side,
+                cache_threshold=0.0) -> io.NodeOutput:  # fmt: skip
         return _run(bfs_model, vae, positive, seed, steps, guidance, short_side, background, mask,
-                    node_id=cls.hidden.unique_id)  # fmt: skip
+                    node_id=cls.hidden.unique_id, cache_threshold=cache_threshold)  # fmt: skip
 
 
 class ExtractForeground(io.ComfyNode):
@@ -131,12 +135,13 @@ class ExtractForeground(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
-    def execute(cls, bfs_model, composite, background, mask, positive, vae, seed, steps, guidance, short_side):
+    def execute(cls, bfs_model, composite, background, mask, positive, vae, seed, steps, guidance, short_side,
+                cache_threshold=0.0):  # fmt: skip
         if composite.shape != background.shape:
             raise ValueError(f"`composite` {list(composite.shape)} and `background` {list(background.shape)} must "
                              "have the same size: the composite is the background with the object added.")  # fmt: skip
         return _run(bfs_model, vae, positive, seed, steps, guidance, short_side, background, mask, composite,
-                    node_id=cls.hidden.unique_id)  # fmt: skip
+                    node_id=cls.hidden.unique_id, cache_threshold=cache_threshold)  # fmt: skip
 
 
 class SamplingNodes(ComfyExtension):
