@@ -26,7 +26,8 @@ def test_check_finite_counts_and_names():
     check_finite("x", None)
     check_finite("ids", torch.arange(4))  # integers cannot be NaN
     x[0, 1], x[1, 2] = float("nan"), float("-inf")
-    with pytest.raises(NonFiniteInputError, match=r"`depth` \(the map\) contains 1 NaN and 1 infinite values \(of 6\)"):
+    expected = r"`depth` \(the map\) contains 1 NaN and 1 infinite values \(of 6\)"
+    with pytest.raises(NonFiniteInputError, match=expected):
         check_finite("depth", x, "the map")
 
 
