@@ -16,7 +16,7 @@ import torch
 
 from .models.dual_flux import DualBranchConfig, DualBranchFlux, prepare_for_inference
 from .sampling.flow_match import latent_image_ids
-from .tiny import randomize_bfs_parameters
+from .tiny.bfs import randomize_bfs_parameters
 
 
 logger = logging.getLogger(__name__)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bfs_core.tiny import TINY_BFS, TINY_PHI, write_tiny_models  # noqa: E402
 from training import train_phi, train_stage1, train_stage2  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.tiny import TINY_BFS, TINY_PHI, write_layer_datasets, write_tiny_models  # noqa: E402
+from training.tiny import write_layer_datasets  # noqa: E402
 
 
 def report(name: str, losses: list[float], first_step: int, stride: int = 1, window: int = 10) -> None:

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_flux
 from PIL import Image
 from safetensors import safe_open
+
+from bfs_core.tiny import make_tiny_flux
 
 
 GOOD = b"the good file the user already had"
@@ -112,8 +113,9 @@ def test_latent_file(tmp_path, monkeypatch):
 
 def test_release_vae_single_file(tmp_path, monkeypatch):
     from bfs_core.models import rgba_vae
+    from bfs_core.tiny import tiny_release_vae
 
-    vae = rgba_vae.tiny_release_vae(0)
+    vae = tiny_release_vae(0)
     patch_save_file(monkeypatch, rgba_vae)
     target = tmp_path / "bfs_transparency_vae.safetensors"
     check_failure_keeps_old(target, lambda: rgba_vae.save_release_vae_single_file(vae, target))
@@ -131,7 +133,7 @@ def test_bfs_weights(tmp_path, monkeypatch):
 
 def test_transparent_vae_conversion(tmp_path, monkeypatch):
     from bfs_core.models import transparent_vae
-    from bfs_core.models.rgba_vae import tiny_transparent_vae_state_dict
+    from bfs_core.tiny import tiny_transparent_vae_state_dict
 
     src = tmp_path / "src" / "TransparentVAE.pth"
     src.parent.mkdir()
@@ -239,7 +241,7 @@ def test_json_success_round_trips(tmp_path):
 def test_tiny_text_encoders_folder(tmp_path, monkeypatch):
     from transformers import T5EncoderModel
 
-    from bfs_core.text_encoders import write_tiny_text_encoders
+    from bfs_core.tiny import write_tiny_text_encoders
 
     write_tiny_text_encoders(tmp_path, seed=0)
     good = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "text_encoder_2").rglob("*") if p.is_file()}

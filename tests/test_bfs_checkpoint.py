@@ -4,7 +4,6 @@ import logging
 
 import pytest
 import torch
-from conftest import dual_inputs, make_tiny_flux, randomize_bfs_parameters
 from safetensors import safe_open
 
 from bfs_core.models.bfs_checkpoint import (
@@ -14,7 +13,7 @@ from bfs_core.models.bfs_checkpoint import (
     save_bfs_weights,
 )
 from bfs_core.models.dual_flux import DualBranchConfig, DualBranchFlux, JointAttention
-from bfs_core.tiny import official_release_state_dict
+from bfs_core.tiny import dual_inputs, make_tiny_flux, official_release_state_dict, randomize_bfs_parameters
 
 
 @torch.no_grad()

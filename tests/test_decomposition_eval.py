@@ -40,8 +40,7 @@ def test_case_set_layers_are_consistent(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from bfs_core.models.layer_decomposition import write_tiny_decomposition
-    from bfs_core.tiny import write_tiny_set
+    from bfs_core.tiny import write_tiny_decomposition, write_tiny_set
 
     root = tmp_path_factory.mktemp("tiny")
     paths = write_tiny_set(root)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import TINY_FLUX, dual_inputs, make_tiny_flux, randomize_bfs_parameters
 
 from bfs_core.models.dual_flux import (
     BranchLoRALinear,
@@ -18,6 +17,7 @@ from bfs_core.models.dual_flux import (
     set_trainable,
     unpatch_dual_branch,
 )
+from bfs_core.tiny import TINY_FLUX, dual_inputs, make_tiny_flux, randomize_bfs_parameters
 
 
 PRESETS = [DualBranchConfig.release(), DualBranchConfig.paper()]

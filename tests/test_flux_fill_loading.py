@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bfs_core.models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config, write_tiny_flux_fill
+from bfs_core.models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config
 from bfs_core.models.flux_keys import bfl_to_diffusers, diffusers_to_bfl
 from bfs_core.models.fp8 import dequantize_state_dict, quantize_state_dict_fp8
+from bfs_core.tiny import write_tiny_flux_fill
 
 
 pytestmark = pytest.mark.usefixtures("no_network")

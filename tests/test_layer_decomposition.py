@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_flux
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -22,10 +21,11 @@ from bfs_core.models.layer_decomposition import (
     initial_decomposition_model,
     save_decomposition_weights,
 )
-from bfs_core.models.rgba_vae import ReleaseTransparencyVAE, tiny_release_vae
+from bfs_core.models.rgba_vae import ReleaseTransparencyVAE
 from bfs_core.pipelines.codec import DiffusersFluxVAE
 from bfs_core.pipelines.decomposition import DecompositionPipeline
 from bfs_core.sampling.flow_match import latent_image_ids
+from bfs_core.tiny import make_tiny_flux, tiny_release_vae
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -332,8 +332,7 @@ def _comfy_stubs(models: dict[str, Path]) -> dict[str, types.ModuleType]:
 
 
 def test_nodes_load_and_decompose_end_to_end(tmp_path, monkeypatch, codecs):
-    from bfs_core.models.flux_fill_loading import write_tiny_flux_fill
-    from bfs_core.models.layer_decomposition import write_tiny_decomposition
+    from bfs_core.tiny import write_tiny_decomposition, write_tiny_flux_fill
 
     base = write_tiny_flux_fill(tmp_path / "base")
     weights = write_tiny_decomposition(tmp_path / "dec", base["diffusers"])["decomposition"]

@@ -15,9 +15,9 @@ from bfs_core.models.rgba_vae import (
     load_latent_file,
     load_rgba_decoder,
     save_latent_file,
-    write_tiny_rgba_vaes,
 )
 from bfs_core.models.transparent_vae import TransparentVAE
+from bfs_core.tiny import tiny_release_vae, write_tiny_rgba_vaes
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -76,7 +76,7 @@ class TestReleaseVAE:
                 use_quant_conv=False,
                 use_post_quant_conv=False,
             )
-        tiny_config = rgba_vae.tiny_release_vae().config
+        tiny_config = tiny_release_vae().config
         tiny2 = AutoencoderKL(**{**tiny_config, "layers_per_block": 2, "block_out_channels": (8, 16, 32, 32)})
         assert set(tiny2.state_dict()) == set(full.state_dict())
         path = tiny_files["bfs_release_single"].parent / "release_full_keys.safetensors"

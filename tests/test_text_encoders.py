@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from bfs_core.text_encoders import FluxTextEncoders, write_tiny_text_encoders
+from bfs_core.text_encoders import FluxTextEncoders
+from bfs_core.tiny import write_tiny_text_encoders
 
 
 PROMPTS = ["a red cat on a wooden table", "A blue car near the house."]

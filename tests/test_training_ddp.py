@@ -35,7 +35,7 @@ TOLERANCE = 5e-5
 
 
 def _values(job: str, paths: dict, out: Path, batch_size: int) -> dict:
-    from training.tiny import TINY_BFS, TINY_PHI
+    from bfs_core.tiny import TINY_BFS, TINY_PHI
 
     fast = dict(
         output_dir=str(out / job),
@@ -114,9 +114,10 @@ def runs(tmp_path_factory):
         pytest.skip(f"accelerate launch is not available: {err}")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("this torch build has no gloo backend")
+    from bfs_core.tiny import write_tiny_models
     from training.decomposition_data import DataConfig
     from training.decomposition_data import main as build_decomposition_data
-    from training.tiny import write_layer_datasets, write_tiny_models
+    from training.tiny import write_layer_datasets
 
     root = tmp_path_factory.mktemp("ddp")
     models = {k: str(v) for k, v in write_tiny_models(root / "models").items()}
@@ -204,7 +205,7 @@ def _tiny_dual_model(preset: str):
     from diffusers import FluxTransformer2DModel
 
     from bfs_core.models.dual_flux import DualBranchConfig, DualBranchFlux
-    from training.tiny import TINY_BFS, TINY_FLUX
+    from bfs_core.tiny import TINY_BFS, TINY_FLUX
 
     config = DualBranchConfig(**{**DualBranchConfig.preset(preset).__dict__, **TINY_BFS})
     return DualBranchFlux(FluxTransformer2DModel(**TINY_FLUX), config)

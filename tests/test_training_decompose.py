@@ -9,11 +9,11 @@ from safetensors import safe_open
 
 from bfs_core.decomposition_eval import load_image
 from bfs_core.layer_math import composite_stack
+from bfs_core.tiny import write_tiny_models
 from training import train_decompose
 from training.config import load_config
 from training.decomposition_data import DataConfig, imperfect_mask
 from training.decomposition_data import main as build
-from training.tiny import write_tiny_models
 
 
 ASSETS = Path(__file__).parent / "assets"

@@ -5,9 +5,9 @@ import torch
 
 from bfs_core.models.composition_unet import build_composition_unet
 from bfs_core.sampling.flow_match import pack_latents
+from bfs_core.tiny import TINY_PHI
 from training.bfs_model import Batch
 from training.losses import composition_loss, flow_matching_loss, noisy_latents, one_step_estimate, phi_loss
-from training.tiny import TINY_PHI
 from training.train_stage1 import TrainConfig as Stage1Config
 from training.train_stage1 import stage1_loss
 from training.train_stage2 import TrainConfig as Stage2Config

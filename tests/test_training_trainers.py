@@ -8,9 +8,10 @@ import torch
 from safetensors import safe_open
 
 from bfs_core.models.dual_flux import parameter_group
+from bfs_core.tiny import TINY_BFS, TINY_PHI, write_tiny_models
 from training import train_phi, train_stage1, train_stage2
 from training.config import load_config
-from training.tiny import TINY_BFS, TINY_PHI, write_layer_datasets, write_tiny_models
+from training.tiny import write_layer_datasets
 
 
 ASSETS = Path(__file__).parent / "assets"

@@ -12,7 +12,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from bfs_core.models import transparent_vae as tv
-from bfs_core.models.rgba_vae import load_rgba_decoder, tiny_transparent_vae_state_dict
+from bfs_core.models.rgba_vae import load_rgba_decoder
+from bfs_core.tiny import tiny_transparent_vae_state_dict
 
 
 ASSETS = pathlib.Path(__file__).parent / "assets"

@@ -1,9 +1,8 @@
-"""Tiny models and small real-image datasets for the training tests and `scripts/train_tiny_demo.py`.
+"""Small real-image datasets for the training tests and `scripts/train_tiny_demo.py`.
 
-`write_tiny_models(dir)`: a Fill-shaped FluxTransformer2DModel (2 + 2 blocks, width 64), the tiny Flux VAE, tiny text
-encoders, a tiny RGBA (release-format) VAE and a tiny Φ. `write_layer_datasets(assets, dir)`: RGBA stamps pasted on
-photo crops with eq. (1), written as every dataset kind of training/README.md (triplet, pair, phi, removal).
-Nothing here is trained; it only makes the trainers runnable on a CPU in seconds.
+`write_layer_datasets(assets, dir)`: RGBA stamps pasted on photo crops with eq. (1), written as every dataset kind of
+training/README.md (triplet, pair, phi, removal). The tiny models the trainers train on (`write_tiny_models`,
+`TINY_FLUX`, `TINY_PHI`, `TINY_BFS`) live with every other tiny model in `bfs_core.tiny`.
 """
 
 from __future__ import annotations
@@ -16,44 +15,6 @@ import torch
 from PIL import Image
 
 from bfs_core.layer_math import alpha_blend, box_from_mask
-
-
-TINY_FLUX = dict(
-    patch_size=1,
-    in_channels=384,
-    out_channels=64,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=32,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 14, 14),
-)
-TINY_PHI = dict(block_out_channels=[16, 32], norm_num_groups=8, layers_per_block=1, sample_size=8)
-TINY_BFS = dict(content_rank=4, joint_rank=4)  # bfs_overrides for the paper preset at width 64
-
-
-def write_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
-    from diffusers import FluxTransformer2DModel
-
-    from bfs_core.models.composition_unet import build_composition_unet
-    from bfs_core.models.rgba_vae import tiny_release_vae
-    from bfs_core.text_encoders import write_tiny_text_encoders
-    from bfs_core.tiny import write_tiny_flux_vae
-
-    out = Path(out_dir)
-    root = out / "flux-fill"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        FluxTransformer2DModel(**TINY_FLUX).save_pretrained(root / "transformer")
-        write_tiny_flux_vae(root / "vae", seed=seed)
-        write_tiny_text_encoders(root, seed=seed)
-        tiny_release_vae(seed).save_pretrained(out / "rgba_vae")
-        torch.manual_seed(seed)
-        build_composition_unet(**TINY_PHI).save_pretrained(out / "phi")
-    return {"flux_fill": root, "rgba_vae": out / "rgba_vae", "phi": out / "phi"}
 
 
 def _load(path: Path, mode: str) -> np.ndarray:

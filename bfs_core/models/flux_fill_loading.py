@@ -14,7 +14,6 @@ key table is `flux_keys.py`, the fp8 dequantisation `fp8.py`.
 
 import json
 import logging
-import math
 import os
 import pathlib
 import re
@@ -23,12 +22,10 @@ from collections import Counter
 import torch
 from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel
-from safetensors.torch import save_file
 
-from ..atomic import atomic_dir, atomic_path
 from ..errors import UserInputError, read_safetensors, reading_folder
-from .flux_keys import _strip_diffusion_model_prefix, bfl_to_diffusers, diffusers_to_bfl
-from .fp8 import _dequantize_, quantize_state_dict_fp8
+from .flux_keys import _strip_diffusion_model_prefix, bfl_to_diffusers
+from .fp8 import _dequantize_
 
 
 logger = logging.getLogger(__name__)
@@ -326,70 +323,3 @@ def load_flux_fill_transformer(
         device,
     )
     return model
-
-
-def _random_flux(config: dict, seed: int) -> FluxTransformer2DModel:
-    """A bf16 FluxTransformer2DModel with non-trivial random weights (fan-in scaled Linears, norm scales near 1)."""
-    with init_empty_weights():
-        model = FluxTransformer2DModel.from_config(config)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    sd = {}
-    for name, param in model.state_dict().items():
-        noise = torch.randn(param.shape, generator=generator)
-        if param.ndim == 2:
-            sd[name] = noise / math.sqrt(param.shape[1])
-        elif re.search(r"norm_(added_)?[qk]\.weight$", name):
-            sd[name] = 1.0 + 0.1 * noise
-        else:
-            sd[name] = 0.05 * noise
-    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in sd.items()}, strict=True, assign=True)
-    return model.eval()
-
-
-def _tiny_fill_config(in_channels: int = _FILL_IN_CHANNELS) -> dict:
-    return {
-        **load_shipped_config("flux_fill_transformer"),
-        "in_channels": in_channels,
-        "num_layers": 1,
-        "num_single_layers": 2,
-        "attention_head_dim": 32,
-        "num_attention_heads": 2,
-        "joint_attention_dim": 32,
-        "pooled_projection_dim": 32,
-        "axes_dims_rope": [4, 14, 14],
-    }
-
-
-def write_tiny_flux_fill(out_dir: pathlib.Path, *, seed: int = 0) -> dict[str, pathlib.Path]:
-    """Write a tiny random Fill-shaped transformer in every layout the loader reads.
-
-    Returns paths by name: `diffusers` (pipeline root holding `transformer/`), `bfl_bf16`, `bfl_fp8`,
-    `bfl_fp8_scaled` (ComfyUI legacy scaled fp8), `bfl_fp8_comfy_quant` (newer per-layer format) and
-    `bfl_non_fill` (a 64-input-channel FLUX.1-dev-shaped model, for the error path).
-    """
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = _random_flux(_tiny_fill_config(), seed)
-    paths = {"diffusers": out_dir / "flux-fill-diffusers"}
-    paths["diffusers"].mkdir(exist_ok=True)
-    with atomic_dir(paths["diffusers"] / "transformer") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-
-    bfl = {k: v.contiguous() for k, v in diffusers_to_bfl(model.state_dict()).items()}
-    files = {
-        "bfl_bf16": ("flux1-fill-tiny-bf16.safetensors", bfl),
-        "bfl_fp8": ("flux1-fill-tiny-fp8_e4m3fn.safetensors", quantize_state_dict_fp8(bfl, scaled=False)),
-        "bfl_fp8_scaled": ("flux1-fill-tiny-fp8_scaled.safetensors", quantize_state_dict_fp8(bfl, scaled=True)),
-        "bfl_fp8_comfy_quant": (
-            "flux1-fill-tiny-fp8_comfy_quant.safetensors",
-            quantize_state_dict_fp8(bfl, scaled=True, comfy_quant=True),
-        ),
-    }
-    other = _random_flux(_tiny_fill_config(in_channels=64), seed + 1)
-    other_bfl = {k: v.contiguous() for k, v in diffusers_to_bfl(other.state_dict()).items()}
-    files["bfl_non_fill"] = ("flux1-dev-tiny-bf16.safetensors", other_bfl)
-    for name, (filename, sd) in files.items():
-        paths[name] = out_dir / filename
-        with atomic_path(paths[name]) as tmp:
-            save_file(sd, str(tmp), metadata={"format": "pt"})
-    return paths

@@ -523,7 +523,7 @@ def read_decomposition_weights(
     if not path.is_file() or path.suffix.lower() not in (".safetensors", ".sft"):
         raise UserInputError(
             f"`{name}` must be a decomposition .safetensors file but got {str(path)!r}. Train one with "
-            "`python -m training decompose` (or write a tiny one with `write_tiny_decomposition`)."
+            "`python -m training decompose` (or write a tiny one with `bfs_core.tiny.write_tiny_decomposition`)."
         )
     with open_safetensors(path, name) as f:
         metadata = f.metadata() or {}
@@ -607,35 +607,6 @@ def initial_decomposition_model(
     return model
 
 
-def write_tiny_decomposition(out_dir: Path, base_dir: Path) -> dict[str, Path]:
-    """Tiny random (non-zero adapters) decomposition weights for the tiny Flux-Fill under `base_dir`.
-
-    `base_dir` is what `write_tiny_flux_fill` / `write_tiny_set` call `diffusers` (the root holding `transformer/`).
-    Returns {"decomposition": path}.
-    """
-    from .flux_fill_loading import load_flux_fill_transformer
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    transformer = load_flux_fill_transformer(base_dir, torch_dtype=torch.float32)
-    config = DecompositionConfig(
-        lora_rank=4, joint_rank=4, fusion_dim=32, fusion_latents=8, fusion_heads=2, fusion_channels=64
-    )
-    model = initial_decomposition_model(transformer, config)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            group = _group(name)
-            if group in ("lora_bg", "lora_fg", "joint"):
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-            elif name == "transformer.x_embedder.weight":
-                param[:, FILL_IN_CHANNELS:] = (
-                    torch.randn(param.shape[0], param.shape[1] - FILL_IN_CHANNELS, generator=gen) * 0.02
-                )
-    path = save_decomposition_weights(model, out_dir / "decomposition_tiny.safetensors")
-    return {"decomposition": path}
-
-
 __all__ = [
     "DecompositionConfig",
     "FluxFillBaseline",
@@ -646,5 +617,4 @@ __all__ = [
     "load_decomposition_model",
     "read_decomposition_weights",
     "save_decomposition_weights",
-    "write_tiny_decomposition",
 ]

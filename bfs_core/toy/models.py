@@ -75,7 +75,7 @@ def toy_transformer(seed: int = 0):
 
 def write_toy_text_encoders(root: str | Path) -> Path:
     """The toy text encoders: the tiny CLIP + T5 (width 32) with offline tokenizers, frozen at a fixed seed."""
-    from ..text_encoders import write_tiny_text_encoders
+    from ..tiny.text_encoders import write_tiny_text_encoders
 
     return write_tiny_text_encoders(Path(root), t5_dim=32, clip_dim=32, seed=0)
 
