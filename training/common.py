@@ -1,4 +1,5 @@
-"""What the three trainers share: config fields, accelerate setup, optimiser, checkpoints, encoders, logging, grids.
+"""What the trainers share besides the loop (training/loop.py): config fields, accelerate setup, optimiser, random
+draws, checkpoints, encoders, logging, grids.
 
 Checkpoint layout (`<output_dir>/checkpoints/checkpoint-<step>/`): the trainable weights only
 (`bfs_weights.safetensors` in the node format, or `phi.safetensors`), accelerate's `optimizer.bin`, `scheduler.bin`
@@ -385,6 +386,12 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
     state = json.loads((path / "trainer_state.json").read_text())
     logger.info("Resumed from %s at step %d", path, state["global_step"])
     return state
+
+
+def resume_step(accelerator: Accelerator, cfg: CommonConfig) -> int:
+    """Optimiser steps already done: 0 for a fresh run, else the step of the checkpoint `cfg` resumes (now loaded)."""
+    path = resolve_resume(cfg)
+    return 0 if path is None else load_checkpoint(accelerator, path)["global_step"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

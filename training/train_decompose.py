@@ -24,7 +24,6 @@ from typing import Literal
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from bfs_core.atomic import atomic_write_text
 from bfs_core.models.layer_decomposition import (
@@ -42,23 +41,20 @@ from bfs_core.sampling.flow_match import fill_condition, latent_image_ids, pack_
 from .common import (
     CommonConfig,
     LatentEncoder,
-    MetricsLog,
     TextEmbeddingCache,
-    check_rank_sync,
     derived_numbers,
-    load_checkpoint,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
     randn_rows,
-    resolve_resume,
+    resume_step,
     sample_sigmas,
-    save_checkpoint,
     weight_dtype,
 )
 from .config import config_summary
 from .data import ManifestDataset, make_loader
 from .decomposition_data import imperfect_mask
+from .loop import Phase, TrainResult, train
 from .losses import flow_matching_loss, noisy_latents
 
 
@@ -93,13 +89,6 @@ class TrainConfig(CommonConfig):
     logit_std: float = 1.0
     mode_scale: float = 1.29
     output_name: str = "decomposition.safetensors"
-
-
-@dataclass
-class TrainResult:
-    weights: Path
-    losses: list[float]
-    first_step: int
 
 
 def decomposition_config(cfg: TrainConfig) -> DecompositionConfig:
@@ -251,56 +240,28 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     if accelerator.is_main_process:
         accelerator.init_trackers("decompose")
 
-    global_step = 0
-    resume = resolve_resume(cfg)
-    if resume is not None:
-        global_step = load_checkpoint(accelerator, resume)["global_step"]
-    if cfg.debug_rank_sync:
-        check_rank_sync(accelerator, named, global_step, out)
-    loader = make_loader(dataset, cfg.batch_size, cfg.seed, global_step * cfg.gradient_accumulation_steps,
-                         accelerator, cfg.num_workers)  # fmt: skip
-    batches = iter(loader)
-    metrics, losses = MetricsLog(accelerator, out), []
-    bar = tqdm(range(cfg.max_steps), initial=global_step, desc="decompose",
-               disable=not accelerator.is_local_main_process)  # fmt: skip
-    while global_step < cfg.max_steps:
-        step_loss, parts = 0.0, {}
-        for micro in range(cfg.gradient_accumulation_steps):
-            # Mask spoiling is seeded by step and sample, so a resumed run spoils exactly as an uninterrupted one.
-            seeds = mask_seeds(cfg, global_step, micro, cfg.batch_size, accelerator)
-            b = encode_batch(next(batches), encoder, texts, cfg, seeds, device, dtype)
-            with accelerator.accumulate(model):
-                loss, parts = decomposition_loss(model, b, cfg, device, accelerator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.item() / cfg.gradient_accumulation_steps
-        global_step += 1
-        losses.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        metrics.log(global_step, {"loss": step_loss, **parts, "lr": lr_scheduler.get_last_lr()[0]})
-        if cfg.debug_rank_sync:
-            check_rank_sync(accelerator, named, global_step, out)
-        if callback is not None:
-            callback(global_step, {"loss": step_loss, **parts}, accelerator.unwrap_model(model))
-        if global_step % cfg.log_steps == 0:
-            metrics.draw()
-        if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_steps:
-            save_checkpoint(accelerator, cfg, {"global_step": global_step, "stage": "decompose"})
+    start = resume_step(accelerator, cfg)
+    batches = iter(make_loader(dataset, cfg.batch_size, cfg.seed, start * cfg.gradient_accumulation_steps, accelerator,
+                               cfg.num_workers))
 
-    bar.close()
-    metrics.draw()
+    def next_batch(step: int, micro: int) -> Batch:
+        # Mask spoiling is seeded by step and sample, so a resumed run spoils exactly as an uninterrupted one.
+        seeds = mask_seeds(cfg, step, micro, cfg.batch_size, accelerator)
+        return encode_batch(next(batches), encoder, texts, cfg, seeds, device, dtype)
+
+    phase = Phase(next_batch, loss=lambda b: decomposition_loss(model, b, cfg, device, accelerator), params=params)
+    losses = train(
+        accelerator, cfg, model, optimizer, lr_scheduler, phase, start_step=start, trainables=named, stage="decompose",
+        callback=callback,
+    )
+
     final = out / cfg.output_name
     if accelerator.is_main_process:
         save_decomposition_weights(accelerator.unwrap_model(model), final)  # atomic (bfs_core/atomic.py)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    logger.info("decompose done at step %d; weights: %s", global_step, final)
-    return TrainResult(weights=final, losses=losses, first_step=global_step - len(losses) + 1)
+    logger.info("decompose done at step %d; weights: %s", start + len(losses), final)
+    return TrainResult(weights=final, losses=losses, first_step=start + 1)
 
 
 __all__ = ["TrainConfig", "TrainResult", "main"]

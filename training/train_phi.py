@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from bfs_core.atomic import atomic_dir, atomic_write_text
 from bfs_core.models.composition_unet import build_composition_unet, compose_latents
@@ -26,21 +25,18 @@ from bfs_core.models.composition_unet import build_composition_unet, compose_lat
 from .common import (
     CommonConfig,
     LatentEncoder,
-    MetricsLog,
     PreparedView,
     atomic_save_file,
-    check_rank_sync,
     derived_numbers,
-    load_checkpoint,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
-    resolve_resume,
-    save_checkpoint,
+    resume_step,
     write_grid,
 )
 from .config import config_summary
 from .data import ManifestDataset, make_loader
+from .loop import Phase, TrainResult, train
 from .losses import phi_loss
 
 
@@ -58,13 +54,6 @@ class TrainConfig(CommonConfig):
     rgba_vae: str = ""  # RGBA VAE (encodes the foreground layers)
     phi_overrides: dict = field(default_factory=dict)  # UNet2DModel fields over the appendix config (tiny tests)
     init_phi: str | None = None  # continue from a Φ folder
-
-
-@dataclass
-class TrainResult:
-    weights: Path  # the Φ folder
-    losses: list[float]
-    first_step: int
 
 
 def register_hooks(accelerator) -> None:
@@ -144,60 +133,29 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     if accelerator.is_main_process:
         accelerator.init_trackers("phi")
 
-    global_step = 0
-    resume = resolve_resume(cfg)
-    if resume is not None:
-        global_step = load_checkpoint(accelerator, resume)["global_step"]
-    if cfg.debug_rank_sync:
-        check_rank_sync(accelerator, named, global_step, out)
-    loader = make_loader(
-        dataset, cfg.batch_size, cfg.seed, global_step * cfg.gradient_accumulation_steps, accelerator, cfg.num_workers
-    )
-    batches = iter(loader)
+    start = resume_step(accelerator, cfg)
+    batches = iter(make_loader(dataset, cfg.batch_size, cfg.seed, start * cfg.gradient_accumulation_steps, accelerator,
+                               cfg.num_workers))
     val = None
     if cfg.validation_steps:
         n = min(cfg.num_validation_samples, len(dataset))
         val = torch.utils.data.default_collate([dataset[i] for i in range(n)])
         val["latents"] = encode(val, encoder, device)
-    metrics = MetricsLog(accelerator, out)
-    losses = []
-    bar = tqdm(range(cfg.max_steps), initial=global_step, desc="phi", disable=not accelerator.is_local_main_process)
+    phase = Phase(
+        next_batch=lambda _step, _micro: encode(next(batches), encoder, device),
+        loss=lambda z: (phi_loss(view, *z), {}),  # eq. 16: mean ‖z_C − Φ(z_F, z_B)‖² on (z_F, z_B, z_C)
+        params=params,
+    )
+    losses = train(
+        accelerator, cfg, phi, optimizer, lr_scheduler, phase, start_step=start, trainables=named, stage="phi",
+        validate=lambda at: write_samples(accelerator, accelerator.unwrap_model(phi), val, encoder, cfg, at),
+        callback=callback,
+    )
 
-    while global_step < cfg.max_steps:
-        step_loss = 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
-            z_fg, z_bg, z_comp = encode(next(batches), encoder, device)
-            with accelerator.accumulate(phi):
-                loss = phi_loss(view, z_fg, z_bg, z_comp)  # eq. 16: mean ‖z_C − Φ(z_F, z_B)‖²
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.item() / cfg.gradient_accumulation_steps
-        global_step += 1
-        losses.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.5f}")
-        metrics.log(global_step, {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]})
-        if cfg.debug_rank_sync:
-            check_rank_sync(accelerator, named, global_step, out)
-        if callback is not None:
-            callback(global_step, {"loss": step_loss}, accelerator.unwrap_model(phi))
-        if global_step % cfg.log_steps == 0:
-            metrics.draw()
-        if val is not None and global_step % cfg.validation_steps == 0 and accelerator.is_main_process:
-            write_samples(accelerator, accelerator.unwrap_model(phi), val, encoder, cfg, global_step)
-        if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_steps:
-            save_checkpoint(accelerator, cfg, {"global_step": global_step, "stage": "phi"})
-
-    bar.close()
-    metrics.draw()
     final = out / "phi"
     if accelerator.is_main_process:
         save_phi_folder(accelerator.unwrap_model(phi), final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    logger.info("Φ done at step %d; weights: %s", global_step, final)
-    return TrainResult(weights=final, losses=losses, first_step=global_step - len(losses) + 1)
+    logger.info("Φ done at step %d; weights: %s", start + len(losses), final)
+    return TrainResult(weights=final, losses=losses, first_step=start + 1)

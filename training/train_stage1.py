@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from bfs_core.atomic import atomic_write_text
 
@@ -40,21 +39,18 @@ from .bfs_model import (
 )
 from .common import (
     LatentEncoder,
-    MetricsLog,
     TextEmbeddingCache,
-    check_rank_sync,
     derived_numbers,
-    load_checkpoint,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
-    resolve_resume,
+    resume_step,
     sample_sigmas,
-    save_checkpoint,
     weight_dtype,
 )
 from .config import config_summary
 from .data import ManifestDataset, make_loader
+from .loop import Phase, TrainResult, train
 from .losses import flow_matching_loss, noisy_latents, one_step_estimate, packed_composition_loss
 
 
@@ -69,13 +65,6 @@ class TrainConfig(BFSConfig):
 
     data_dir: str = ""  # synthetic triplet dataset (manifest.jsonl, kind `triplet`; `python -m training synth-data`)
     output_name: str = "bfs_stage1.safetensors"  # final weights in <output_dir>
-
-
-@dataclass
-class TrainResult:
-    weights: Path  # the final BFS weights (nodes' format)
-    losses: list[float]  # loss of every optimiser step, in order (for tests and the demo)
-    first_step: int  # the global step the first entry of `losses` belongs to
 
 
 def stage1_loss(
@@ -141,60 +130,26 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     if accelerator.is_main_process:
         accelerator.init_trackers("bfs_stage1")
 
-    global_step = 0
-    resume = resolve_resume(cfg)
-    if resume is not None:
-        global_step = load_checkpoint(accelerator, resume)["global_step"]
-    if cfg.debug_rank_sync:
-        check_rank_sync(accelerator, named, global_step, out)
-    loader = make_loader(
-        dataset, cfg.batch_size, cfg.seed, global_step * cfg.gradient_accumulation_steps, accelerator, cfg.num_workers
-    )
-    batches = iter(loader)
+    start = resume_step(accelerator, cfg)
+    batches = iter(make_loader(dataset, cfg.batch_size, cfg.seed, start * cfg.gradient_accumulation_steps, accelerator,
+                               cfg.num_workers))
     val_batch = validation_batch(dataset, cfg, encoder, texts, device, dtype) if cfg.validation_steps else None
-    metrics = MetricsLog(accelerator, out)
-    losses = []
-    bar = tqdm(
-        range(cfg.max_steps), initial=global_step, desc="stage 1", disable=not accelerator.is_local_main_process
+    phase = Phase(
+        next_batch=lambda _step, _micro: encode_batch(next(batches), encoder, texts, cfg, device, dtype),
+        loss=lambda b: stage1_loss(model, phi, b, cfg, device, noise_mode, accelerator),
+        params=params,
+    )
+    losses = train(
+        accelerator, cfg, model, optimizer, lr_scheduler, phase, start_step=start, trainables=named, stage="stage1",
+        validate=lambda at: write_samples(accelerator, accelerator.unwrap_model(model), val_batch, encoder, cfg, at),
+        callback=callback,
     )
 
-    while global_step < cfg.max_steps:
-        # One optimiser step = gradient_accumulation_steps micro-batches.
-        step_loss, parts = 0.0, {}
-        for _ in range(cfg.gradient_accumulation_steps):
-            raw = next(batches)
-            b = encode_batch(raw, encoder, texts, cfg, device, dtype)
-            with accelerator.accumulate(model):
-                loss, parts = stage1_loss(model, phi, b, cfg, device, noise_mode, accelerator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.item() / cfg.gradient_accumulation_steps
-        global_step += 1
-        losses.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        metrics.log(global_step, {"loss": step_loss, **parts, "lr": lr_scheduler.get_last_lr()[0]})
-        if cfg.debug_rank_sync:
-            check_rank_sync(accelerator, named, global_step, out)
-        if callback is not None:
-            callback(global_step, {"loss": step_loss, **parts}, accelerator.unwrap_model(model))
-        if global_step % cfg.log_steps == 0:
-            metrics.draw()
-        if cfg.validation_steps and global_step % cfg.validation_steps == 0 and accelerator.is_main_process:
-            write_samples(accelerator, accelerator.unwrap_model(model), val_batch, encoder, cfg, global_step)
-        if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_steps:
-            save_checkpoint(accelerator, cfg, {"global_step": global_step, "stage": "stage1"})
-
-    bar.close()
-    metrics.draw()
     final = out / cfg.output_name
     if accelerator.is_main_process:
         save_weights(accelerator.unwrap_model(model), final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    logger.info("stage 1 done at step %d; weights: %s (checkpoint weights: */%s)", global_step, final, WEIGHTS_NAME)
-    return TrainResult(weights=final, losses=losses, first_step=global_step - len(losses) + 1)
+    done = start + len(losses)
+    logger.info("stage 1 done at step %d; weights: %s (checkpoint weights: */%s)", done, final, WEIGHTS_NAME)
+    return TrainResult(weights=final, losses=losses, first_step=start + 1)

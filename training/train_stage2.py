@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from tqdm.auto import tqdm
 
 from bfs_core.atomic import atomic_write_text
 
@@ -42,21 +41,18 @@ from .bfs_model import (
 )
 from .common import (
     LatentEncoder,
-    MetricsLog,
     TextEmbeddingCache,
-    check_rank_sync,
     derived_numbers,
-    load_checkpoint,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
-    resolve_resume,
+    resume_step,
     sample_sigmas,
-    save_checkpoint,
     weight_dtype,
 )
 from .config import config_summary
 from .data import ManifestDataset, make_loader
+from .loop import Phase, TrainResult, train
 from .losses import flow_matching_loss, noisy_latents, one_step_estimate, packed_composition_loss
 
 
@@ -73,13 +69,6 @@ class TrainConfig(BFSConfig):
     triplets_dir: str = ""  # the stage-1 synthetic triplets for L_reg (kind `triplet`)
     lambda_comp_real: float = 0.0  # L_comp weight in the L_real step (the issue: none)
     output_name: str = "bfs_stage2.safetensors"
-
-
-@dataclass
-class TrainResult:
-    weights: Path
-    losses: list[float]
-    first_step: int
 
 
 def phase_of(step: int) -> str:
@@ -192,73 +181,40 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     if accelerator.is_main_process:
         accelerator.init_trackers("bfs_stage2")
 
-    global_step = 0
-    resume = resolve_resume(cfg)
-    if resume is not None:
-        global_step = load_checkpoint(accelerator, resume)["global_step"]
-    if cfg.debug_rank_sync:
-        check_rank_sync(accelerator, named, global_step, out)
-    done = phase_batches_done(global_step)
+    start = resume_step(accelerator, cfg)
+    done = phase_batches_done(start)
     batches = {
-        phase: iter(
-            make_loader(
-                ds,
-                cfg.batch_size,
-                cfg.seed + (0 if phase == "real" else 1),
-                done[phase] * cfg.gradient_accumulation_steps,
-                accelerator,
-                cfg.num_workers,
-            )
-        )
-        for phase, ds in datasets.items()
+        name: iter(make_loader(ds, cfg.batch_size, cfg.seed + (0 if name == "real" else 1),
+                               done[name] * cfg.gradient_accumulation_steps, accelerator, cfg.num_workers))
+        for name, ds in datasets.items()
     }
     val_batch = None
     if cfg.validation_steps:
         val_batch = validation_batch(datasets["real"], cfg, encoder, texts, device, dtype, surrogate=True)
-    losses_fn = {"real": real_loss, "reg": reg_loss}
-    metrics = MetricsLog(accelerator, out)
-    losses = []
-    bar = tqdm(
-        range(cfg.max_steps), initial=global_step, desc="stage 2", disable=not accelerator.is_local_main_process
+    loss_fns = {"real": real_loss, "reg": reg_loss}
+
+    def phase(name: str) -> Phase:
+        """L_real or L_reg; `begin` gives only this phase's parameters gradients (see `main`'s first comment)."""
+        return Phase(
+            name=name,
+            next_batch=lambda _step, _micro: encode_batch(next(batches[name]), encoder, texts, cfg, device, dtype,
+                                                        surrogate=name == "real"),
+            loss=lambda b: loss_fns[name](model, phi, b, cfg, device, noise_mode, accelerator),
+            params=phase_params[name],
+            begin=lambda: set_phase_trainable(unwrapped, phase_groups[name]),
+        )
+
+    phases = {name: phase(name) for name in PHASE_GROUPS}
+    losses = train(
+        accelerator, cfg, model, optimizer, lr_scheduler, lambda step: phases[phase_of(step)], start_step=start,
+        trainables=named, stage="stage2",
+        validate=lambda at: write_samples(accelerator, unwrapped, val_batch, encoder, cfg, at), callback=callback,
     )
 
-    while global_step < cfg.max_steps:
-        phase = phase_of(global_step + 1)
-        set_phase_trainable(unwrapped, phase_groups[phase])  # only this phase's parameters get gradients
-        step_loss, parts = 0.0, {}
-        for _ in range(cfg.gradient_accumulation_steps):
-            b = encode_batch(next(batches[phase]), encoder, texts, cfg, device, dtype, surrogate=phase == "real")
-            with accelerator.accumulate(model):
-                loss, parts = losses_fn[phase](model, phi, b, cfg, device, noise_mode, accelerator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(phase_params[phase], cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.item() / cfg.gradient_accumulation_steps
-        global_step += 1
-        losses.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(phase=phase, loss=f"{step_loss:.4f}")
-        metrics.log(global_step, {f"loss_{phase}_total": step_loss, **parts, "lr": lr_scheduler.get_last_lr()[0]})
-        if cfg.debug_rank_sync:
-            check_rank_sync(accelerator, named, global_step, out)
-        if callback is not None:
-            callback(global_step, {"phase": phase, "loss": step_loss, **parts}, unwrapped)
-        if global_step % cfg.log_steps == 0:
-            metrics.draw()
-        if val_batch is not None and global_step % cfg.validation_steps == 0 and accelerator.is_main_process:
-            write_samples(accelerator, unwrapped, val_batch, encoder, cfg, global_step)
-        if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_steps:
-            save_checkpoint(accelerator, cfg, {"global_step": global_step, "stage": "stage2"})
-
-    bar.close()
-    metrics.draw()
     final = out / cfg.output_name
     if accelerator.is_main_process:
         save_weights(unwrapped, final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    logger.info("stage 2 done at step %d; weights: %s", global_step, final)
-    return TrainResult(weights=final, losses=losses, first_step=global_step - len(losses) + 1)
+    logger.info("stage 2 done at step %d; weights: %s", start + len(losses), final)
+    return TrainResult(weights=final, losses=losses, first_step=start + 1)
