@@ -13,7 +13,6 @@ are computed once up front (64 px, all in memory), then a plain single-process f
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from bfs_core.sampling.flow_match import fill_condition, latent_image_ids, pack_
 
 from .config import config_summary
 from .data import ManifestDataset
+from .loop import TrainResult, plain_train
 from .losses import flow_matching_loss, noisy_latents
 
 
@@ -50,13 +50,6 @@ class TrainConfig:
     max_sequence_length: int = 16
     background_condition_prob: float = 0.5
     max_samples: int = 4000
-
-
-@dataclass
-class TrainResult:
-    weights: Path  # the transformer folder
-    losses: list[float]
-    first_step: int
 
 
 @torch.no_grad()
@@ -113,8 +106,8 @@ def main(cfg: TrainConfig) -> TrainResult:
     img_ids = latent_image_ids(h, w)
     txt_ids = torch.zeros(data["embeds"].shape[1], 3)
     gen = torch.Generator().manual_seed(cfg.seed)
-    losses, start = [], time.time()
-    for step in range(1, cfg.max_steps + 1):
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         z = pack_latents(data["z_comp"][idx])
         use_bg = (torch.rand(len(idx), generator=gen) < cfg.background_condition_prob).view(-1, 1, 1, 1)
@@ -133,17 +126,9 @@ def main(cfg: TrainConfig) -> TrainResult:
             guidance=torch.full((len(idx),), cfg.guidance),
             return_dict=False,
         )[0]
-        loss = flow_matching_loss(v, noise, z)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 100 == 0 or step == cfg.max_steps:
-            recent = losses[-100:]
-            logger.info("base fill step %d/%d loss %.4f (%.0f s)", step, cfg.max_steps, sum(recent) / len(recent),
-                        time.time() - start)  # fmt: skip
+        return flow_matching_loss(v, noise, z)
+
+    losses = plain_train("base fill", cfg.max_steps, list(transformer.parameters()), opt, sched, loss_at)
     with atomic_dir(out / "transformer") as tmp:
         transformer.eval().save_pretrained(tmp)
     return TrainResult(weights=out / "transformer", losses=losses, first_step=1)

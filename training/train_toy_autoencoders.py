@@ -15,7 +15,6 @@ memory (64 px): a plain loop, which is all these few-minute runs need.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from bfs_core.atomic import atomic_dir
 
 from .config import config_summary
 from .data import ManifestDataset
+from .loop import TrainResult, plain_train
 
 
 logger = logging.getLogger(__name__)
@@ -50,13 +50,6 @@ class TrainConfig:
     crop: int = 32  # train on random crops (multiples of 8 px: the nets are fully convolutional), 4× cheaper than 64
 
 
-@dataclass
-class TrainResult:
-    weights: Path  # the output folder (vae/ and rgba_vae/)
-    losses: list[float]
-    first_step: int
-
-
 def _load_all(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     ds = ManifestDataset(cfg.data_dir, "triplet", cfg.resolution)
     n = min(len(ds), cfg.max_samples)
@@ -75,9 +68,8 @@ def _fit(vae, images: torch.Tensor, weights: torch.Tensor, steps: int, cfg: Trai
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(cfg.seed)
-    losses, start = [], time.time()
-    vae.train()
-    for step in range(1, steps + 1):
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
         ox, oy = (int(v) * 8 for v in torch.randint(0, (images.shape[-1] - cfg.crop) // 8 + 1, (2,), generator=gen))
         x = images[idx][..., oy : oy + cfg.crop, ox : ox + cfg.crop]
@@ -85,16 +77,10 @@ def _fit(vae, images: torch.Tensor, weights: torch.Tensor, steps: int, cfg: Trai
         dist = vae.encode(x * 2 - 1).latent_dist
         z = dist.sample(generator=None)
         recon = vae.decode(z).sample
-        loss = loss_fn(x, w, recon, dist, (idx, oy // 8, ox // 8)) + cfg.kl_weight * _kl(dist)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 100 == 0 or step == steps:
-            logger.info("%s step %d/%d loss %.4f (%.0f s)", name, step, steps, sum(losses[-100:]) / len(losses[-100:]),
-                        time.time() - start)  # fmt: skip
+        return loss_fn(x, w, recon, dist, (idx, oy // 8, ox // 8)) + cfg.kl_weight * _kl(dist)
+
+    vae.train()
+    losses = plain_train(name, steps, list(vae.parameters()), opt, sched, loss_at)
     vae.eval()
     return losses
 
