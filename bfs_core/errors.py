@@ -69,9 +69,20 @@ def check_file(path: str | os.PathLike, name: str, expected: str = "a weights fi
     return path
 
 
+# safetensors before 0.5 names its header errors by their Rust variant; later releases say them in words.
+_OLD_SAFETENSORS_REASONS = {
+    "MetadataIncompleteBuffer": "incomplete metadata, file not fully covered",
+    "InvalidHeaderLength": "invalid header length",
+    "HeaderTooSmall": "header too small",
+    "HeaderTooLarge": "header too large",
+    "InvalidHeaderDeserialization": "invalid JSON in header",
+}
+
+
 def _reason(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
-    return text.removeprefix("Error while deserializing header: ")
+    text = text.removeprefix("Error while deserializing header: ")
+    return _OLD_SAFETENSORS_REASONS.get(text, text)
 
 
 def not_safetensors_error(path: str | os.PathLike, name: str, err: BaseException) -> UserInputError:

@@ -4,6 +4,7 @@ Folder layout (as in black-forest-labs/FLUX.1-Fill-dev): ``text_encoder/`` (CLIP
 ``text_encoder_2/`` (T5EncoderModel), ``tokenizer_2/``. Everything is read with ``local_files_only=True``.
 """
 
+import json
 import logging
 import os
 import pathlib
@@ -25,9 +26,8 @@ logger = logging.getLogger(__name__)
 _SUBFOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 _CLIP_MAX_LENGTH = 77  # CLIP-L position embeddings; FluxPipeline uses tokenizer.model_max_length (77)
 _T5_MAX_LENGTH = 512  # FluxPipeline.check_inputs: max_sequence_length <= 512
-# transformers 5 builds CLIP/T5 tokenizers from in-memory vocabularies; 4.x reads CLIP's from files and has no T5
-# tokenizer without a SentencePiece model but the `tokenizers`-backed T5TokenizerFast. 4.56 renamed from_pretrained's
-# `torch_dtype` to `dtype` (4.50-4.55 ignore `dtype`, 5.x warns on `torch_dtype`).
+# The pack supports transformers 4.50+ and 5.x. 4.56 renamed from_pretrained's `torch_dtype` to `dtype` (4.50-4.55
+# refuse `dtype`, 5.x warns on `torch_dtype`); bfs_core/tiny/text_encoders.py builds its tokenizers per major version.
 _TRANSFORMERS = tuple(int(part) for part in transformers.__version__.split(".")[:2])
 _DTYPE_KWARG = "dtype" if _TRANSFORMERS >= (4, 56) else "torch_dtype"
 
@@ -43,6 +43,18 @@ def _check_folder(root: pathlib.Path, input_name: str = "root") -> None:
             f"`{input_name}` must hold the diffusers text-encoder subfolders {list(_SUBFOLDERS)}, but {str(root)!r} "
             f"lacks {missing}. Pass the FLUX.1-Fill-dev (or FLUX.1-dev) diffusers folder; nothing is downloaded."
         )
+
+
+def _tokenizer_kwargs(folder: pathlib.Path) -> dict:
+    """`AutoTokenizer.from_pretrained` arguments; on transformers 4.x, a folder written by 5.x (the committed toy
+    model's) stores `extra_special_tokens` as a list where 4.x expects a name -> token dict: it is read as none (the
+    tokens themselves are in tokenizer.json either way)."""
+    kwargs = {"local_files_only": True}
+    config = folder / "tokenizer_config.json"
+    if _TRANSFORMERS < (5, 0) and config.is_file():
+        if isinstance(json.loads(config.read_text(encoding="utf-8")).get("extra_special_tokens"), list):
+            kwargs["extra_special_tokens"] = {}
+    return kwargs
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int, name: str) -> torch.Tensor:
@@ -97,9 +109,11 @@ class FluxTextEncoders:
         root = pathlib.Path(root)
         _check_folder(root, name)
         with reading_folder(root / "tokenizer", name, "the CLIP tokenizer folder"):
-            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", **_tokenizer_kwargs(root / "tokenizer"))
         with reading_folder(root / "tokenizer_2", name, "the T5 tokenizer folder"):
-            tokenizer_2 = AutoTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
+            tokenizer_2 = AutoTokenizer.from_pretrained(
+                root / "tokenizer_2", **_tokenizer_kwargs(root / "tokenizer_2")
+            )
         with reading_folder(root / "text_encoder", name, "the CLIP-L text encoder folder"):
             text_encoder = CLIPTextModel.from_pretrained(
                 root / "text_encoder", **{_DTYPE_KWARG: torch_dtype}, local_files_only=True

@@ -126,3 +126,17 @@ def test_synthesize_uses_box_of_the_object(data, oracle):
     ys, xs = torch.nonzero(obj, as_tuple=True)
     assert images["box"] == (xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1)
     assert stats["iou"] >= 0.8
+
+
+def test_sam2_on_a_transformers_without_it_says_which_version_it_needs(monkeypatch, tmp_path):
+    """transformers 4.50-4.55 (inside the pack's range) has no Sam2Model: the segmenter says what to install."""
+    import sys
+    import types
+
+    from training.synth_data import Sam2Segmenter
+
+    old = types.ModuleType("transformers")
+    old.__version__ = "4.50.3"
+    monkeypatch.setitem(sys.modules, "transformers", old)
+    with pytest.raises(ImportError, match=r"segmenter 'sam2' needs transformers>=4\.56.*4\.50\.3 is installed"):
+        Sam2Segmenter(str(tmp_path))

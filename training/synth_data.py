@@ -131,8 +131,15 @@ class Sam2Segmenter:
     """SAM2 through transformers (`Sam2Model` + `Sam2Processor`) from a local folder, prompted with the box."""
 
     def __init__(self, folder: str, device: str = "cpu"):
-        from transformers import Sam2Model, Sam2Processor
+        try:
+            from transformers import Sam2Model, Sam2Processor
+        except ImportError as error:  # transformers 4.50-4.55, which the pack otherwise supports, has no SAM2
+            import transformers
 
+            raise ImportError(
+                f"segmenter 'sam2' needs transformers>=4.56 (Sam2Model) but {transformers.__version__} is installed: "
+                "`pip install -U 'transformers>=4.56'`, or set `segmenter` to the import path of a segmenter of yours."
+            ) from error
         if not folder or not Path(folder).is_dir():
             raise ValueError(f"`sam2_path` must be a local transformers SAM2 folder but got {folder!r}.")
         self.processor = Sam2Processor.from_pretrained(folder, local_files_only=True)

@@ -239,7 +239,9 @@ def _attention(attn: nn.Module, q, k, v) -> torch.Tensor:
     """SDPA on the [B, S, H, D] layout through diffusers' dispatcher, honouring the block's attention backend."""
     backend = getattr(attn.processor, "_attention_backend", None)
     parallel = getattr(attn.processor, "_parallel_config", None)
-    return dispatch_attention_fn(q, k, v, backend=backend, parallel_config=parallel)
+    # diffusers 0.35 has no context parallelism: its dispatcher takes no `parallel_config`, so pass it only when set.
+    extra = {} if parallel is None else {"parallel_config": parallel}
+    return dispatch_attention_fn(q, k, v, backend=backend, **extra)
 
 
 def _heads_norm_rope(x: torch.Tensor, head_dim: int, norm: nn.Module | None, rope) -> torch.Tensor:
