@@ -8,6 +8,7 @@ uses the real FLUX.1-Fill-dev config in bf16 with random weights (a GPU job).
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -106,13 +107,41 @@ def _inputs(cfg: dict, shape: BenchShape, n: int, device, dtype, seed: int = 0):
 
 
 def _time(fn, device) -> float:
+    """Seconds one call takes: GPU wall time (synchronised) on CUDA; on the CPU the process's CPU time, which other
+    load on the machine does not inflate the way it inflates wall-clock time (threads are fixed, see `pin_threads`)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+    start = time.process_time()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.process_time() - start
+
+
+def pin_threads(threads: int) -> str:
+    """Fix torch's thread count and, with one thread, pin the process to one CPU: per-step CPU time then depends on
+    the work, not on how the scheduler spreads it. Returns a description for the header line."""
+    torch.set_num_threads(threads)
+    pinned = ""
+    if threads == 1 and hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[-1]})
+        pinned = f" pinned_cpu={cpus[-1]}"
+    return f"threads={threads}{pinned}"
+
+
+UNRELIABLE_SPREAD = 0.05  # interquartile range of the per-pair ratios / their median, above which a run is flagged
+
+
+def ratio_stats(plain_times: list[float], dual_times: list[float]) -> dict[str, float]:
+    """Median of the per-pair ratios (each dual step over the plain step timed just before it) and their spread
+    (interquartile range / median): a pair shares whatever the machine was doing at that moment."""
+    ratios = sorted(d / p for p, d in zip(plain_times, dual_times))
+    q = torch.tensor(ratios, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    q1, median, q3 = (float(v) for v in q)
+    return {"ratio": median, "spread": (q3 - q1) / median, "min": ratios[0], "max": ratios[-1]}
 
 
 def _build(cfg: dict, device, dtype, seed: int = 0):
@@ -135,12 +164,19 @@ def run_benchmark(
     full_size: bool = False,
     resolution: int = 512,
     presets: tuple[str, ...] = ("paper", "release"),
-    repeats: int = 5,
+    repeats: int = 9,
     device: str | None = None,
     dtype: torch.dtype | None = None,
+    threads: int = 1,
+    fast_fraction: float | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Time plain vs dual steps for each preset; returns {preset: {measured, floor, plain_s, dual_s}}."""
+    """Time plain vs dual steps for each preset, interleaved; returns {preset: {measured, spread, floor, ...}}.
+
+    `fast_fraction`: the share of steps that run the whole transformer with the documented `fast` step-cache setting
+    at 50 steps (measured on the toy model by the CLI); with it, the per-image ratio of the fast setting is printed.
+    """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    thread_info = pin_threads(threads) if device.type == "cpu" else "gpu"
     if full_size:
         from .models.flux_fill_loading import load_shipped_config
 
@@ -155,7 +191,8 @@ def run_benchmark(
     print(
         f"device={device} dtype={dtype} width={cfg['num_attention_heads'] * cfg['attention_head_dim']} "
         f"blocks={cfg['num_layers']}+{cfg['num_single_layers']} text={shape.text_tokens} "
-        f"image={shape.image_tokens} repeats={repeats}"
+        f"image={shape.image_tokens} repeats={repeats} {thread_info} timer="
+        f"{'cuda-synchronised wall' if device.type == 'cuda' else 'process CPU time'}"
     )
     inputs = _inputs(cfg, shape, 1, device, dtype)
     plain_model = _build(cfg, device, dtype)
@@ -189,23 +226,54 @@ def run_benchmark(
             torch.cuda.reset_peak_memory_stats(device)
         plain_times, dual_times = [], []
         plain_step(), dual(**inputs)  # warm-up
-        for _ in range(repeats):  # alternate so drift hits both equally
+        for _ in range(repeats):  # interleaved pairs: whatever the machine does hits both steps of a pair
             plain_times.append(_time(plain_step, device))
             dual_times.append(_time(lambda model=dual: model(**inputs), device))
-        # The minimum of alternating runs: other load on the machine only ever adds time.
-        p, d = min(plain_times), min(dual_times)
+        stats = ratio_stats(plain_times, dual_times)
+        p, d = sorted(plain_times)[len(plain_times) // 2], sorted(dual_times)[len(dual_times) // 2]
         floor = step_flops(cfg, shape, preset) / step_flops(cfg, shape, None)
-        results[preset_name] = {"measured": d / p, "floor": floor, "plain_s": p, "dual_s": d}
+        results[preset_name] = {
+            "measured": stats["ratio"], "spread": stats["spread"], "floor": floor, "plain_s": p, "dual_s": d
+        }
+        unreliable = stats["spread"] > UNRELIABLE_SPREAD
+        flag = " UNRELIABLE (spread above 5%: rerun on a quieter machine)" if unreliable else ""
         print(
-            f"preset={preset_name} plain={p * 1e3:.1f}ms dual={d * 1e3:.1f}ms measured={d / p:.3f}x "
-            f"flop_floor={floor:.3f}x measured/floor={d / p / floor:.3f} peak_mem={_peak_memory(device)}"
+            f"preset={preset_name} plain={p * 1e3:.1f}ms dual={d * 1e3:.1f}ms measured={stats['ratio']:.3f}x "
+            f"spread={stats['spread'] * 100:.1f}% (pairs {stats['min']:.3f}..{stats['max']:.3f}) "
+            f"flop_floor={floor:.3f}x measured/floor={stats['ratio'] / floor:.3f} "
+            f"peak_mem={_peak_memory(device)}{flag}"
         )
+        if preset_name == "release" and fast_fraction is not None:
+            results[preset_name]["fast"] = _fast_ratio(dual, inputs, plain_times, device, fast_fraction)
         del dual
         if device.type == "cuda":
             plain_model = _build(cfg, device, dtype)
     if "release" in results:
+        if "fast" in results["release"]:
+            print(f"fast_ratio={results['release']['fast']:.3f}")
         print(f"ratio={results['release']['measured']:.3f}")
     return results
+
+
+def _fast_ratio(dual, inputs, plain_times, device, full_fraction: float, steps: int = 50) -> float:
+    """Per-image time of the fast step-cache setting over plain Flux-Fill's, at `steps` steps: a fraction
+    `full_fraction` of the steps run every block (the dual step timed above), the others only the first block and
+    the embedders (timed here with the cache forced to skip)."""
+    from .sampling.step_cache import step_cache
+
+    with step_cache(dual, 1e9):
+        dual(**inputs)  # the first call computes everything and fills the cache
+        skipped = sorted(_time(lambda: dual(**inputs), device) for _ in range(5))[2]
+    with step_cache(dual, 0.0):
+        full = sorted(_time(lambda: dual(**inputs), device) for _ in range(3))[1]
+    plain = sorted(plain_times)[len(plain_times) // 2]
+    n_full = max(1, round(full_fraction * steps))
+    ratio = (n_full * full + (steps - n_full) * skipped) / (steps * plain)
+    print(
+        f"fast: {n_full}/{steps} full steps ({full * 1e3:.1f}ms) + {steps - n_full} cached steps "
+        f"({skipped * 1e3:.1f}ms) vs {steps} plain steps ({plain * 1e3:.1f}ms): {ratio:.3f}x per image"
+    )
+    return ratio
 
 
 def paper_reference_ratio() -> float:

@@ -151,6 +151,17 @@ class PatchedModel:
 
 
 # -- inputs shared by the samplers ---------------------------------------------------------------------------------
+def combo_value(enum_cls, value, name: str):
+    """A combo input's value as its Enum. ComfyUI does not check V3 combo values sent through the API, so a value the
+    widget never offers gets a clear message here, not a raw "'x' is not a valid ..."."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        options = ", ".join(repr(e.value) for e in enum_cls)
+        raise ValueError(f"`{name}` must be one of {options} but got {value!r}. Pick one in the widget.") from None
+
+
+
 def cache_threshold_input():
     from comfy_api.latest import io
 

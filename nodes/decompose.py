@@ -14,6 +14,7 @@ from .common import (
     ComfyFluxVAE,
     PatchedModel,
     cache_threshold_input,
+    combo_value,
     flux_text,
     image_from_core,
     image_to_core,
@@ -54,7 +55,8 @@ class LoadDecomposition(io.ComfyNode):
 
     @classmethod
     def execute(cls, base_model, weights, weight_dtype) -> io.NodeOutput:
-        dtype = torch.float32 if WeightDtype(weight_dtype) == WeightDtype.FP32 else torch.bfloat16
+        fp32 = combo_value(WeightDtype, weight_dtype, "weight_dtype") == WeightDtype.FP32
+        dtype = torch.float32 if fp32 else torch.bfloat16
         base_path = folder_paths.get_full_path_or_raise("diffusion_models", base_model)
         weights_path = folder_paths.get_full_path_or_raise("bfs", weights)
         transformer = load_flux_fill_transformer(base_path, torch_dtype=dtype, device="cpu", name="base_model")

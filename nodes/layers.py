@@ -17,7 +17,14 @@ from typing_extensions import override
 from ..bfs_core.atomic import atomic_path
 from ..bfs_core.layer_math import clamp_box, composite_stack, mask_from_box, over, resize_rgba
 from ..bfs_core.layered_files import write_layered_file
-from .common import ComfyFluxVAE, flux_latent, image_from_core, image_to_core, normalized_from_raw
+from .common import (
+    ComfyFluxVAE,
+    combo_value,
+    flux_latent,
+    image_from_core,
+    image_to_core,
+    normalized_from_raw,
+)
 from .loaders import RGBA_VAE
 
 
@@ -196,7 +203,7 @@ class SaveLayers(io.ComfyNode):
 
     @classmethod
     def execute(cls, background, names, format, filename_prefix, **layers) -> io.NodeOutput:
-        fmt = LayeredFormat(format)
+        fmt = combo_value(LayeredFormat, format, "format")
         slots = [f"layer_{i}" for i in range(1, MAX_LAYERS + 1) if layers.get(f"layer_{i}") is not None]
         given = [n.strip() for n in names.split(",")] if names.strip() else []
         labels = [given[i] if i < len(given) and given[i] else f"Layer {i + 1}" for i in range(len(slots))]

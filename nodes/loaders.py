@@ -16,7 +16,7 @@ from ..bfs_core.models.bfs_checkpoint import load_bfs
 from ..bfs_core.models.dual_flux import store_weights_in_fp8
 from ..bfs_core.models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config
 from ..bfs_core.models.rgba_vae import load_rgba_decoder
-from .common import PatchedModel
+from .common import PatchedModel, combo_value
 
 
 BFS_MODEL = io.Custom("BFS_MODEL")
@@ -78,7 +78,7 @@ class LoadBFS(io.ComfyNode):
 
     @classmethod
     def execute(cls, base_model, bfs_weights, weight_dtype) -> io.NodeOutput:
-        weight_dtype = WeightDtype(weight_dtype)
+        weight_dtype = combo_value(WeightDtype, weight_dtype, "weight_dtype")
         compute = torch.float32 if weight_dtype == WeightDtype.FP32 else torch.bfloat16
         base_path = folder_paths.get_full_path_or_raise("diffusion_models", base_model)
         bfs_path = folder_paths.get_full_path_or_raise("bfs", bfs_weights)

@@ -234,10 +234,7 @@ CASES = [
     Case("steps-too-many", _set("sample", steps=100000), ("steps", "100000"), "validation"),
     Case("guidance-too-high", _set("sample", guidance=1000.0), ("guidance", "1000"), "validation"),
     Case("toy-background-seed-negative", _set("bg", seed=-5), ("seed", "-5"), "validation"),
-    Case("save-format-unknown", lambda g: save_layers(g, format="tiff"), ("`format`", "tiff", "psd"),
-         known_gap="ComfyUI 0.3.75 does not check V3 combo values sent through the API, and Save Layers converts "
-                   "`format` with LayeredFormat(format) unchecked: the message is \"'tiff' is not a valid "
-                   "LayeredFormat\" (nodes/layers.py)"),
+    Case("save-format-unknown", lambda g: save_layers(g, format="tiff"), ("`format`", "tiff", "psd")),
     Case("positive-missing", _drop("sample", "positive"), ("positive",), "validation"),
     Case("image-into-mask", _link("sample", "mask", ["bg", 0]), ("mask", "IMAGE", "MASK"), "validation"),
     Case("mask-into-background", _link("sample", "background", ["box", 0]), ("background", "MASK", "IMAGE"),
