@@ -16,11 +16,11 @@ from bfs_core.models.layer_decomposition import (
     FILL_IN_CHANNELS,
     DecompositionConfig,
     FluxFillBaseline,
-    MultiModalLatentFusion,
     apply_decomposition_weights,
     initial_decomposition_model,
     save_decomposition_weights,
 )
+from bfs_core.models.multimodal_fusion import MultiModalLatentFusion
 from bfs_core.models.rgba_vae import ReleaseTransparencyVAE
 from bfs_core.pipelines.codec import DiffusersFluxVAE
 from bfs_core.pipelines.decomposition import DecompositionPipeline
