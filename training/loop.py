@@ -32,7 +32,10 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .common import CommonConfig, MetricsLog, check_rank_sync, save_checkpoint
+from bfs_core.atomic import atomic_write_text
+
+from .common import CommonConfig, MetricsLog, check_rank_sync, derived_numbers, save_checkpoint
+from .config import config_summary
 
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,24 @@ class Phase:
     params: list[torch.nn.Parameter]  # clipped to `max_grad_norm` together
     name: str | None = None  # alternating phases: logged as `loss_<name>_total`, passed to the callback as "phase"
     begin: Callable[[], object] | None = None  # called before the step's first micro-batch (stage 2: requires_grad)
+
+
+def echo_config(
+    accelerator: Accelerator,
+    cfg: CommonConfig,
+    title: str,
+    dataset_sizes: dict[str, int],
+    bad: list[tuple[str, str]] | None = None,
+) -> None:
+    """Log the resolved config with the derived numbers (processes, effective batch, steps per epoch); process 0 also
+    writes it to `<output_dir>/config.yaml`, and, when `bad` is given, the skipped samples to `bad_samples.txt`."""
+    summary = config_summary(cfg, derived_numbers(cfg, accelerator, dataset_sizes))
+    logger.info("%s config:\n%s", title, summary)
+    if accelerator.is_main_process:
+        out = Path(cfg.output_dir)
+        atomic_write_text(out / "config.yaml", summary)
+        if bad is not None:
+            atomic_write_text(out / "bad_samples.txt", "".join(f"{name}\t{reason}\n" for name, reason in bad))
 
 
 def train(
@@ -123,6 +144,14 @@ def train(
     bar.close()
     metrics.draw()
     return losses
+
+
+def finish(accelerator: Accelerator, title: str, weights: Path, losses: list[float], start_step: int) -> TrainResult:
+    """After process 0 has written the final `weights`: every process waits for it, then ends training."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    logger.info("%s done at step %d; weights: %s", title, start_step + len(losses), weights)
+    return TrainResult(weights=weights, losses=losses, first_step=start_step + 1)
 
 
 def plain_train(

@@ -25,7 +25,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from bfs_core.atomic import atomic_write_text
 from bfs_core.models.layer_decomposition import (
     DecompositionConfig,
     LayerDecomposition,
@@ -42,7 +41,6 @@ from .common import (
     CommonConfig,
     LatentEncoder,
     TextEmbeddingCache,
-    derived_numbers,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -51,10 +49,9 @@ from .common import (
     sample_sigmas,
     weight_dtype,
 )
-from .config import config_summary
 from .data import ManifestDataset, make_loader
 from .decomposition_data import imperfect_mask
-from .loop import Phase, TrainResult, train
+from .loop import Phase, TrainResult, echo_config, finish, train
 from .losses import flow_matching_loss, noisy_latents
 
 
@@ -92,8 +89,9 @@ class TrainConfig(CommonConfig):
 
 
 def decomposition_config(cfg: TrainConfig) -> DecompositionConfig:
-    return DecompositionConfig(**{**dataclasses.asdict(DecompositionConfig()), "lora_rank": cfg.lora_rank,
-                                  **cfg.decomposition_overrides})  # fmt: skip
+    return DecompositionConfig(
+        **{**dataclasses.asdict(DecompositionConfig()), "lora_rank": cfg.lora_rank, **cfg.decomposition_overrides}
+    )
 
 
 def load_model(cfg: TrainConfig, device, dtype) -> LayerDecomposition:
@@ -148,9 +146,8 @@ class Batch:
 
 def spoil_masks(masks: torch.Tensor, cfg: TrainConfig, seeds: list[int]) -> torch.Tensor:
     """`imperfect_mask` per sample, each with its own generator seeded by `seeds[i]`."""
-    return torch.cat([imperfect_mask(m[None], torch.Generator().manual_seed(seed), cfg.mask_dilate_px,
-                                     cfg.mask_erode_px, cfg.mask_jitter_px, cfg.mask_spoil_probability)
-                      for m, seed in zip(masks, seeds)])  # fmt: skip
+    spoil = (cfg.mask_dilate_px, cfg.mask_erode_px, cfg.mask_jitter_px, cfg.mask_spoil_probability)
+    return torch.cat([imperfect_mask(m[None], torch.Generator().manual_seed(s), *spoil) for m, s in zip(masks, seeds)])
 
 
 def mask_seeds(cfg: TrainConfig, step: int, micro: int, batch_size: int, accelerator) -> list[int]:
@@ -196,8 +193,9 @@ def decomposition_loss(model, b: Batch, cfg: TrainConfig, device, accelerator=No
     `model` is what `accelerator.prepare` returned: the velocity forward must run through it, as DDP all-reduces
     only the gradients of a forward it ran (calling the unwrapped model trains each process on its own)."""
     core: LayerDecomposition = model if accelerator is None else accelerator.unwrap_model(model)
-    sigma, weight = sample_sigmas(b.z_bg.shape[0], cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std,
-                                  cfg.mode_scale, device, accelerator)  # fmt: skip
+    sigma, weight = sample_sigmas(
+        b.z_bg.shape[0], cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, device, accelerator
+    )
     noise_bg = randn_rows(b.z_bg, accelerator)
     noise_fg = noise_bg if core.config.noise == "shared" else randn_rows(b.z_fg, accelerator)
     x_bg, x_fg = noisy_latents(b.z_bg, noise_bg, sigma), noisy_latents(b.z_fg, noise_fg, sigma)
@@ -219,14 +217,12 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    summary = config_summary(cfg, derived_numbers(cfg, accelerator, {"samples": len(dataset)}))
-    logger.info("decompose config:\n%s", summary)
-    if accelerator.is_main_process:
-        atomic_write_text(out / "config.yaml", summary)
+    echo_config(accelerator, cfg, "decompose", {"samples": len(dataset)})
     texts = TextEmbeddingCache(cfg.text_cache_dir or out / "text_cache")
     with accelerator.main_process_first():
-        texts.prepare([e["caption"] for e in dataset.entries], cfg.text_encoders or cfg.flux_fill,
-                      cfg.max_sequence_length)  # fmt: skip
+        texts.prepare(
+            [e["caption"] for e in dataset.entries], cfg.text_encoders or cfg.flux_fill, cfg.max_sequence_length
+        )
     encoder = LatentEncoder(cfg.vae or str(Path(cfg.flux_fill) / "vae"), cfg.rgba_vae, device, dtype)
 
     model = load_model(cfg, device, dtype)
@@ -241,8 +237,8 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
         accelerator.init_trackers("decompose")
 
     start = resume_step(accelerator, cfg)
-    batches = iter(make_loader(dataset, cfg.batch_size, cfg.seed, start * cfg.gradient_accumulation_steps, accelerator,
-                               cfg.num_workers))
+    drawn = start * cfg.gradient_accumulation_steps  # micro-batches the resumed steps took: the data order goes on
+    batches = iter(make_loader(dataset, cfg.batch_size, cfg.seed, drawn, accelerator, cfg.num_workers))
 
     def next_batch(step: int, micro: int) -> Batch:
         # Mask spoiling is seeded by step and sample, so a resumed run spoils exactly as an uninterrupted one.
@@ -251,17 +247,22 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
 
     phase = Phase(next_batch, loss=lambda b: decomposition_loss(model, b, cfg, device, accelerator), params=params)
     losses = train(
-        accelerator, cfg, model, optimizer, lr_scheduler, phase, start_step=start, trainables=named, stage="decompose",
+        accelerator,
+        cfg,
+        model,
+        optimizer,
+        lr_scheduler,
+        phase,
+        start_step=start,
+        trainables=named,
+        stage="decompose",
         callback=callback,
     )
 
     final = out / cfg.output_name
     if accelerator.is_main_process:
         save_decomposition_weights(accelerator.unwrap_model(model), final)  # atomic (bfs_core/atomic.py)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    logger.info("decompose done at step %d; weights: %s", start + len(losses), final)
-    return TrainResult(weights=final, losses=losses, first_step=start + 1)
+    return finish(accelerator, "decompose", final, losses, start)
 
 
 __all__ = ["TrainConfig", "TrainResult", "main"]

@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from bfs_core.atomic import atomic_dir, atomic_write_text
+from bfs_core.atomic import atomic_dir
 from bfs_core.models.composition_unet import build_composition_unet, compose_latents
 
 from .common import (
@@ -27,16 +27,14 @@ from .common import (
     LatentEncoder,
     PreparedView,
     atomic_save_file,
-    derived_numbers,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
     resume_step,
     write_grid,
 )
-from .config import config_summary
 from .data import ManifestDataset, make_loader
-from .loop import Phase, TrainResult, train
+from .loop import Phase, TrainResult, echo_config, finish, train
 from .losses import phi_loss
 
 
@@ -106,11 +104,7 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     out.mkdir(parents=True, exist_ok=True)
 
     dataset = ManifestDataset(cfg.data_dir, "phi", cfg.resolution)
-    summary = config_summary(cfg, derived_numbers(cfg, accelerator, {"pairs": len(dataset)}))
-    logger.info("Φ config:\n%s", summary)
-    if accelerator.is_main_process:
-        atomic_write_text(out / "config.yaml", summary)
-        atomic_write_text(out / "bad_samples.txt", "".join(f"{n}\t{r}\n" for n, r in dataset.bad))
+    echo_config(accelerator, cfg, "Φ", {"pairs": len(dataset)}, bad=dataset.bad)
     encoder = LatentEncoder(cfg.vae, cfg.rgba_vae, device, torch.float32)  # Tab. A3: float32 throughout
 
     if cfg.init_phi:
@@ -134,8 +128,8 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
         accelerator.init_trackers("phi")
 
     start = resume_step(accelerator, cfg)
-    batches = iter(make_loader(dataset, cfg.batch_size, cfg.seed, start * cfg.gradient_accumulation_steps, accelerator,
-                               cfg.num_workers))
+    drawn = start * cfg.gradient_accumulation_steps  # micro-batches the resumed steps took: the data order goes on
+    batches = iter(make_loader(dataset, cfg.batch_size, cfg.seed, drawn, accelerator, cfg.num_workers))
     val = None
     if cfg.validation_steps:
         n = min(cfg.num_validation_samples, len(dataset))
@@ -147,7 +141,15 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
         params=params,
     )
     losses = train(
-        accelerator, cfg, phi, optimizer, lr_scheduler, phase, start_step=start, trainables=named, stage="phi",
+        accelerator,
+        cfg,
+        phi,
+        optimizer,
+        lr_scheduler,
+        phase,
+        start_step=start,
+        trainables=named,
+        stage="phi",
         validate=lambda at: write_samples(accelerator, accelerator.unwrap_model(phi), val, encoder, cfg, at),
         callback=callback,
     )
@@ -155,7 +157,4 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     final = out / "phi"
     if accelerator.is_main_process:
         save_phi_folder(accelerator.unwrap_model(phi), final)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    logger.info("Φ done at step %d; weights: %s", start + len(losses), final)
-    return TrainResult(weights=final, losses=losses, first_step=start + 1)
+    return finish(accelerator, "Φ", final, losses, start)

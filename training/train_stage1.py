@@ -21,10 +21,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from bfs_core.atomic import atomic_write_text
-
 from .bfs_model import (
-    WEIGHTS_NAME,
     BFSConfig,
     draw_noise,
     encode_batch,
@@ -40,7 +37,6 @@ from .bfs_model import (
 from .common import (
     LatentEncoder,
     TextEmbeddingCache,
-    derived_numbers,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -48,9 +44,8 @@ from .common import (
     sample_sigmas,
     weight_dtype,
 )
-from .config import config_summary
 from .data import ManifestDataset, make_loader
-from .loop import Phase, TrainResult, train
+from .loop import Phase, TrainResult, echo_config, finish, train
 from .losses import flow_matching_loss, noisy_latents, one_step_estimate, packed_composition_loss
 
 
@@ -102,12 +97,7 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
 
     # Data and conditioning: the manifest is validated up front; caption embeddings are cached once per caption.
     dataset = ManifestDataset(cfg.data_dir, "triplet", cfg.resolution)
-    derived = derived_numbers(cfg, accelerator, {"triplets": len(dataset)})
-    summary = config_summary(cfg, derived)
-    logger.info("stage 1 config:\n%s", summary)
-    if accelerator.is_main_process:
-        atomic_write_text(out / "config.yaml", summary)
-        atomic_write_text(out / "bad_samples.txt", "".join(f"{n}\t{r}\n" for n, r in dataset.bad))
+    echo_config(accelerator, cfg, "stage 1", {"triplets": len(dataset)}, bad=dataset.bad)
     texts = TextEmbeddingCache(cfg.text_cache_dir or out / "text_cache")
     with accelerator.main_process_first():
         texts.prepare(
@@ -131,8 +121,8 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
         accelerator.init_trackers("bfs_stage1")
 
     start = resume_step(accelerator, cfg)
-    batches = iter(make_loader(dataset, cfg.batch_size, cfg.seed, start * cfg.gradient_accumulation_steps, accelerator,
-                               cfg.num_workers))
+    drawn = start * cfg.gradient_accumulation_steps  # micro-batches the resumed steps took: the data order goes on
+    batches = iter(make_loader(dataset, cfg.batch_size, cfg.seed, drawn, accelerator, cfg.num_workers))
     val_batch = validation_batch(dataset, cfg, encoder, texts, device, dtype) if cfg.validation_steps else None
     phase = Phase(
         next_batch=lambda _step, _micro: encode_batch(next(batches), encoder, texts, cfg, device, dtype),
@@ -140,7 +130,15 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
         params=params,
     )
     losses = train(
-        accelerator, cfg, model, optimizer, lr_scheduler, phase, start_step=start, trainables=named, stage="stage1",
+        accelerator,
+        cfg,
+        model,
+        optimizer,
+        lr_scheduler,
+        phase,
+        start_step=start,
+        trainables=named,
+        stage="stage1",
         validate=lambda at: write_samples(accelerator, accelerator.unwrap_model(model), val_batch, encoder, cfg, at),
         callback=callback,
     )
@@ -148,8 +146,4 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     final = out / cfg.output_name
     if accelerator.is_main_process:
         save_weights(accelerator.unwrap_model(model), final)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    done = start + len(losses)
-    logger.info("stage 1 done at step %d; weights: %s (checkpoint weights: */%s)", done, final, WEIGHTS_NAME)
-    return TrainResult(weights=final, losses=losses, first_step=start + 1)
+    return finish(accelerator, "stage 1", final, losses, start)

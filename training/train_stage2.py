@@ -24,8 +24,6 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from bfs_core.atomic import atomic_write_text
-
 from .bfs_model import (
     BFSConfig,
     draw_noise,
@@ -42,7 +40,6 @@ from .bfs_model import (
 from .common import (
     LatentEncoder,
     TextEmbeddingCache,
-    derived_numbers,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -50,9 +47,8 @@ from .common import (
     sample_sigmas,
     weight_dtype,
 )
-from .config import config_summary
 from .data import ManifestDataset, make_loader
-from .loop import Phase, TrainResult, train
+from .loop import Phase, TrainResult, echo_config, finish, train
 from .losses import flow_matching_loss, noisy_latents, one_step_estimate, packed_composition_loss
 
 
@@ -152,12 +148,8 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
         "real": ManifestDataset(cfg.pairs_dir, "pair", cfg.resolution),
         "reg": ManifestDataset(cfg.triplets_dir, "triplet", cfg.resolution),
     }
-    summary = config_summary(cfg, derived_numbers(cfg, accelerator, {k: len(v) for k, v in datasets.items()}))
-    logger.info("stage 2 config:\n%s", summary)
-    if accelerator.is_main_process:
-        atomic_write_text(out / "config.yaml", summary)
-        bad = [(f"{phase}:{n}", r) for phase, ds in datasets.items() for n, r in ds.bad]
-        atomic_write_text(out / "bad_samples.txt", "".join(f"{n}\t{r}\n" for n, r in bad))
+    bad = [(f"{phase}:{n}", r) for phase, ds in datasets.items() for n, r in ds.bad]
+    echo_config(accelerator, cfg, "stage 2", {k: len(v) for k, v in datasets.items()}, bad=bad)
     texts = TextEmbeddingCache(cfg.text_cache_dir or out / "text_cache")
     with accelerator.main_process_first():
         captions = [e["caption"] for ds in datasets.values() for e in ds.entries]
@@ -183,38 +175,43 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
 
     start = resume_step(accelerator, cfg)
     done = phase_batches_done(start)
-    batches = {
-        name: iter(make_loader(ds, cfg.batch_size, cfg.seed + (0 if name == "real" else 1),
-                               done[name] * cfg.gradient_accumulation_steps, accelerator, cfg.num_workers))
-        for name, ds in datasets.items()
-    }
+    batches = {}
+    for name, ds in datasets.items():  # each phase's data order goes on from the micro-batches it took
+        seed, drawn = cfg.seed + (0 if name == "real" else 1), done[name] * cfg.gradient_accumulation_steps
+        batches[name] = iter(make_loader(ds, cfg.batch_size, seed, drawn, accelerator, cfg.num_workers))
     val_batch = None
     if cfg.validation_steps:
         val_batch = validation_batch(datasets["real"], cfg, encoder, texts, device, dtype, surrogate=True)
     loss_fns = {"real": real_loss, "reg": reg_loss}
 
-    def phase(name: str) -> Phase:
+    def make_phase(name: str) -> Phase:
         """L_real or L_reg; `begin` gives only this phase's parameters gradients (see `main`'s first comment)."""
         return Phase(
             name=name,
-            next_batch=lambda _step, _micro: encode_batch(next(batches[name]), encoder, texts, cfg, device, dtype,
-                                                        surrogate=name == "real"),
+            next_batch=lambda _step, _micro: encode_batch(
+                next(batches[name]), encoder, texts, cfg, device, dtype, surrogate=name == "real"
+            ),
             loss=lambda b: loss_fns[name](model, phi, b, cfg, device, noise_mode, accelerator),
             params=phase_params[name],
             begin=lambda: set_phase_trainable(unwrapped, phase_groups[name]),
         )
 
-    phases = {name: phase(name) for name in PHASE_GROUPS}
+    phases = {name: make_phase(name) for name in PHASE_GROUPS}
     losses = train(
-        accelerator, cfg, model, optimizer, lr_scheduler, lambda step: phases[phase_of(step)], start_step=start,
-        trainables=named, stage="stage2",
-        validate=lambda at: write_samples(accelerator, unwrapped, val_batch, encoder, cfg, at), callback=callback,
+        accelerator,
+        cfg,
+        model,
+        optimizer,
+        lr_scheduler,
+        lambda step: phases[phase_of(step)],
+        start_step=start,
+        trainables=named,
+        stage="stage2",
+        validate=lambda at: write_samples(accelerator, unwrapped, val_batch, encoder, cfg, at),
+        callback=callback,
     )
 
     final = out / cfg.output_name
     if accelerator.is_main_process:
         save_weights(unwrapped, final)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    logger.info("stage 2 done at step %d; weights: %s", start + len(losses), final)
-    return TrainResult(weights=final, losses=losses, first_step=start + 1)
+    return finish(accelerator, "stage 2", final, losses, start)
