@@ -114,14 +114,17 @@ class FluxTextEncoders:
             tokenizer_2 = AutoTokenizer.from_pretrained(
                 root / "tokenizer_2", **_tokenizer_kwargs(root / "tokenizer_2")
             )
-        with reading_folder(root / "text_encoder", name, "the CLIP-L text encoder folder"):
-            text_encoder = CLIPTextModel.from_pretrained(
-                root / "text_encoder", **{_DTYPE_KWARG: torch_dtype}, local_files_only=True
-            )
-        with reading_folder(root / "text_encoder_2", name, "the T5-XXL text encoder folder"):
-            text_encoder_2 = T5EncoderModel.from_pretrained(
-                root / "text_encoder_2", **{_DTYPE_KWARG: torch_dtype}, local_files_only=True
-            )
+        # transformers 4.50-4.55 initialise the weights randomly before reading them: loading must leave the
+        # caller's RNG as it was (DDP training draws the same noise on every process, and only one loads these).
+        with torch.random.fork_rng(devices=[]):
+            with reading_folder(root / "text_encoder", name, "the CLIP-L text encoder folder"):
+                text_encoder = CLIPTextModel.from_pretrained(
+                    root / "text_encoder", **{_DTYPE_KWARG: torch_dtype}, local_files_only=True
+                )
+            with reading_folder(root / "text_encoder_2", name, "the T5-XXL text encoder folder"):
+                text_encoder_2 = T5EncoderModel.from_pretrained(
+                    root / "text_encoder_2", **{_DTYPE_KWARG: torch_dtype}, local_files_only=True
+                )
         text_encoder.to(device).eval()
         text_encoder_2.to(device).eval()
         logger.info(

@@ -79,3 +79,13 @@ def test_input_errors(encoders, tmp_path):
     (tmp_path / "text_encoder").mkdir()
     with pytest.raises(ValueError, match="lacks.*tokenizer_2"):
         FluxTextEncoders.from_pretrained(tmp_path)
+
+
+def test_loading_leaves_the_callers_rng_alone(root):
+    """transformers 4.50-4.55 draw random initial weights while loading; DDP training relies on every process's RNG
+    staying alike while only one of them loads the encoders (tests/test_training_ddp.py, stage 1)."""
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    FluxTextEncoders.from_pretrained(root, torch_dtype=torch.float32)
+    assert torch.equal(torch.rand(4), expected)
