@@ -6,8 +6,8 @@ BFS starts from a pretrained Fill model; none exists at toy scale, so this pretr
 x_sigma = (1 − sigma)·z_C + sigma·noise, input [x_sigma | image latent | packed mask] (384 channels), target
 v = noise − z_C (time convention: training/losses.py), guidance embedding fed `guidance`. The image condition is, per
 sample, either the composite with the box region greyed out (Fill's own masked-image task) or the unmasked background
-(how BFS feeds Fill: `bfs_core.pipeline`), with probability `background_condition_prob`. Latents and text embeddings
-are computed once up front (64 px, all in memory), then a plain single-process fp32 loop runs.
+(how BFS feeds Fill: `bfs_core.pipelines.bfs`), with probability `background_condition_prob`. Latents and text
+embeddings are computed once up front (64 px, all in memory), then a plain single-process fp32 loop runs.
 """
 
 from __future__ import annotations

@@ -25,12 +25,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from bfs_core.conditioning import canny_edges, estimate_depth, estimate_segmentation
 from bfs_core.models.layer_decomposition import (
     DecompositionConfig,
     LayerDecomposition,
-    canny_edges,
-    estimate_depth,
-    estimate_segmentation,
     initial_decomposition_model,
     read_decomposition_weights,
     save_decomposition_weights,

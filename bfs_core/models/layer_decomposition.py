@@ -47,9 +47,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic import atomic_path
-
-# Re-exported for training/train_decompose.py until it imports them from bfs_core.conditioning, their home.
-from ..conditioning import canny_edges, estimate_depth, estimate_segmentation  # noqa: F401
 from .dual_flux import (
     DualBranchConfig,
     _as_rows,
