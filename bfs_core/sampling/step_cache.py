@@ -21,7 +21,7 @@ import torch
 
 
 # The documented speed setting (see README, "Step caching"): measured on the toy model at 50 steps.
-FAST_THRESHOLD = 0.1
+FAST_THRESHOLD = 0.05
 
 
 @dataclass
