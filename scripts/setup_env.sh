@@ -10,7 +10,7 @@
 #   3. without a GPU: the CPU build torch==2.13.0+cpu (one wheel of about 200 MB), from wherever pip is configured to
 #      look first (a local wheel folder, as on this project's machines), else from the PyTorch CPU index
 #      https://download.pytorch.org/whl/cpu. Never the multi-GB CUDA build on a machine that cannot use it.
-# Then the pack itself (`pip install -e .[test]`, from PyPI: diffusers, transformers, peft, accelerate, safetensors,
+# Then the pack itself (`pip install -e .[test]`, from PyPI: diffusers, transformers, accelerate, safetensors,
 # psd-tools, ... and pytest, ruff, pyora), which keeps the torch chosen above.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
