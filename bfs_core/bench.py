@@ -233,7 +233,11 @@ def run_benchmark(
         p, d = sorted(plain_times)[len(plain_times) // 2], sorted(dual_times)[len(dual_times) // 2]
         floor = step_flops(cfg, shape, preset) / step_flops(cfg, shape, None)
         results[preset_name] = {
-            "measured": stats["ratio"], "spread": stats["spread"], "floor": floor, "plain_s": p, "dual_s": d
+            "measured": stats["ratio"],
+            "spread": stats["spread"],
+            "floor": floor,
+            "plain_s": p,
+            "dual_s": d,
         }
         unreliable = stats["spread"] > UNRELIABLE_SPREAD
         flag = " UNRELIABLE (spread above 5%: rerun on a quieter machine)" if unreliable else ""

@@ -21,8 +21,10 @@ try:
 except OSError as err:  # a read-only models folder: the pack still loads; the loaders then list nothing
     logging.getLogger(__name__).warning("Could not create %s (%s); put BFS files there by hand.", BFS_MODELS_DIR, err)
 folder_paths.add_model_folder_path("bfs", BFS_MODELS_DIR)
-folder_paths.folder_names_and_paths["bfs"] = (folder_paths.get_folder_paths("bfs"),
-                                              folder_paths.supported_pt_extensions)  # fmt: skip
+folder_paths.folder_names_and_paths["bfs"] = (
+    folder_paths.get_folder_paths("bfs"),
+    folder_paths.supported_pt_extensions,
+)
 
 from .decompose import DecomposeNodes  # noqa: E402  (the folder must be registered before the schemas list it)
 from .layers import LayerNodes  # noqa: E402

@@ -23,8 +23,10 @@ FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159  # Flux latent normalisation (ComfyUI LA
 def image_to_core(image: torch.Tensor, name: str, channels: tuple[int, ...] = (3,)) -> torch.Tensor:
     """ComfyUI IMAGE [B, H, W, C] -> [B, C, H, W] float in [0, 1]."""
     if image.ndim != 4 or image.shape[-1] not in channels:
-        raise ValueError(f"`{name}` must be an IMAGE with {' or '.join(map(str, channels))} channels "
-                         f"([batch, height, width, channels]) but got shape {list(image.shape)}.")  # fmt: skip
+        raise ValueError(
+            f"`{name}` must be an IMAGE with {' or '.join(map(str, channels))} channels "
+            f"([batch, height, width, channels]) but got shape {list(image.shape)}."
+        )
     check_finite(name, image)  # before the clamp, which would keep NaN and hide ±inf
     return image.movedim(-1, 1).float().clamp(0, 1)
 
@@ -37,8 +39,10 @@ def mask_to_core(mask: torch.Tensor, name: str, size: tuple[int, int]) -> torch.
     """ComfyUI MASK [B, H, W] (or [H, W]) -> [B, 1, H, W]; must match the image size (W, H)."""
     mask = mask[None] if mask.ndim == 2 else mask
     if mask.ndim != 3 or (mask.shape[2], mask.shape[1]) != tuple(size):
-        raise ValueError(f"`{name}` must be a MASK of the image's size {size[0]}×{size[1]} but got shape "
-                         f"{list(mask.shape)}. Resize the mask (or draw it on this image).")  # fmt: skip
+        raise ValueError(
+            f"`{name}` must be a MASK of the image's size {size[0]}×{size[1]} but got shape "
+            f"{list(mask.shape)}. Resize the mask (or draw it on this image)."
+        )
     check_finite(name, mask)
     return mask[:, None].float()
 
@@ -66,8 +70,10 @@ def flux_latent(latent: dict, name: str) -> torch.Tensor:
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if samples is None or samples.ndim != 4 or samples.shape[1] != 16:
         got = None if samples is None else list(samples.shape)
-        raise ValueError(f"`{name}` must be a Flux LATENT with 16 channels ([batch, 16, height/8, width/8]) but got "
-                         f"{got}. Connect the foreground latent of BG2FG Sample or Extract Foreground.")  # fmt: skip
+        raise ValueError(
+            f"`{name}` must be a Flux LATENT with 16 channels ([batch, 16, height/8, width/8]) but got "
+            f"{got}. Connect the foreground latent of BG2FG Sample or Extract Foreground."
+        )
     check_finite(name, samples, "its samples")
     return samples
 
@@ -78,16 +84,22 @@ def flux_text(conditioning, name: str = "positive") -> tuple[torch.Tensor, torch
     if not isinstance(conditioning, list) or len(conditioning) == 0:
         raise ValueError(f"`{name}` must be a CONDITIONING (e.g. from CLIPTextEncode) but got {type(conditioning)}.")
     if len(conditioning) > 1:
-        raise ValueError(f"`{name}` holds {len(conditioning)} conditioning entries (e.g. from Conditioning Combine); "
-                         f"BFS takes one. Use Conditioning (Concat) to join text and reference tokens.")  # fmt: skip
+        raise ValueError(
+            f"`{name}` holds {len(conditioning)} conditioning entries (e.g. from Conditioning Combine); "
+            f"BFS takes one. Use Conditioning (Concat) to join text and reference tokens."
+        )
     embeds, extra = conditioning[0][0], conditioning[0][1]
     pooled = extra.get("pooled_output")
     if pooled is None:
-        raise ValueError(f"`{name}` has no pooled output: encode the prompt with Flux's DualCLIPLoader (clip_l + "
-                         f"t5xxl, type flux) and CLIPTextEncode.")  # fmt: skip
+        raise ValueError(
+            f"`{name}` has no pooled output: encode the prompt with Flux's DualCLIPLoader (clip_l + "
+            f"t5xxl, type flux) and CLIPTextEncode."
+        )
     if extra.get("attention_mask") is not None:
-        raise ValueError(f"`{name}` carries an attention mask (StyleModelApply with strength_type 'attn_bias'); BFS "
-                         f"does not support it: set strength_type to 'multiply'.")  # fmt: skip
+        raise ValueError(
+            f"`{name}` carries an attention mask (StyleModelApply with strength_type 'attn_bias'); BFS "
+            f"does not support it: set strength_type to 'multiply'."
+        )
     check_finite(name, embeds, "its tokens")
     check_finite(name, pooled, "its pooled output")
     return embeds, pooled
@@ -100,8 +112,10 @@ class ComfyFluxVAE:
     def __init__(self, vae):
         channels = getattr(vae, "latent_channels", None)
         if channels != 16:
-            raise ValueError(f"`vae` must be the Flux VAE (16 latent channels, ae.safetensors) but has {channels} "
-                             f"latent channels. Load FLUX.1's ae.safetensors with Load VAE.")  # fmt: skip
+            raise ValueError(
+                f"`vae` must be the Flux VAE (16 latent channels, ae.safetensors) but has {channels} "
+                f"latent channels. Load FLUX.1's ae.safetensors with Load VAE."
+            )
         self.vae = vae
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -159,7 +173,6 @@ def combo_value(enum_cls, value, name: str):
     except ValueError:
         options = ", ".join(repr(e.value) for e in enum_cls)
         raise ValueError(f"`{name}` must be one of {options} but got {value!r}. Pick one in the widget.") from None
-
 
 
 def cache_threshold_input():

@@ -36,17 +36,27 @@ class LoadDecomposition(io.ComfyNode):
             display_name="Load Decomposition Model",
             category=CATEGORY,
             description="FLUX.1-Fill-dev + Outpaint-and-Remove weights: splits an image into an object layer and "
-                        "the background behind it.",
+            "the background behind it.",
             inputs=[
-                io.Combo.Input("base_model", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="FLUX.1-Fill-dev from models/diffusion_models (bf16, fp8 or scaled fp8)."),
-                io.Combo.Input("weights", options=folder_paths.get_filename_list("bfs"),
-                               tooltip="Decomposition weights (.safetensors) from models/bfs."),
-                io.Combo.Input("weight_dtype", options=[WeightDtype.BF16.value, WeightDtype.FP32.value],
-                               default=WeightDtype.BF16.value, tooltip="bf16 on GPU; fp32 for CPU runs."),
+                io.Combo.Input(
+                    "base_model",
+                    options=folder_paths.get_filename_list("diffusion_models"),
+                    tooltip="FLUX.1-Fill-dev from models/diffusion_models (bf16, fp8 or scaled fp8).",
+                ),
+                io.Combo.Input(
+                    "weights",
+                    options=folder_paths.get_filename_list("bfs"),
+                    tooltip="Decomposition weights (.safetensors) from models/bfs.",
+                ),
+                io.Combo.Input(
+                    "weight_dtype",
+                    options=[WeightDtype.BF16.value, WeightDtype.FP32.value],
+                    default=WeightDtype.BF16.value,
+                    tooltip="bf16 on GPU; fp32 for CPU runs.",
+                ),
             ],
             outputs=[DECOMPOSITION_MODEL.Output(display_name="decomposition_model")],
-        )  # fmt: skip
+        )
 
     @classmethod
     def validate_inputs(cls, base_model, weights) -> bool | str:
@@ -73,7 +83,7 @@ class DecomposeLayers(io.ComfyNode):
             display_name="Decompose Layers",
             category=CATEGORY,
             description="Outpaint-and-Remove: the masked object as an RGBA layer (occluded parts completed) and the "
-                        "background with the object removed.",
+            "background with the object removed.",
             inputs=[
                 DECOMPOSITION_MODEL.Input("decomposition_model", tooltip="From Load Decomposition Model."),
                 io.Image.Input("image", tooltip="The photo to decompose."),
@@ -84,14 +94,27 @@ class DecomposeLayers(io.ComfyNode):
                 io.Image.Input("edge", optional=True, tooltip="Edge map; default: Canny computed here."),
                 io.Image.Input("segmentation", optional=True, tooltip="Segmentation map (a preprocessor node)."),
                 io.Image.Input("depth", optional=True, tooltip="Depth map (e.g. Depth Anything V2 preprocessor)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the sampling noise."),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Seed of the sampling noise.",
+                ),
                 io.Int.Input("steps", default=28, min=1, max=200, tooltip="Euler steps."),
-                io.Float.Input("guidance", default=30.0, min=0.0, max=100.0, step=0.5,
-                               tooltip="Flux-Fill distilled guidance."),
-                io.Int.Input("short_side", default=DEFAULT_SHORT_SIDE, min=0, max=4096, step=64,
-                             tooltip="Processing size (short side, never upscaled; 0 = input size). The background "
-                                     "keeps the input's own pixels outside the mask; the layers are mapped back."),
+                io.Float.Input(
+                    "guidance", default=30.0, min=0.0, max=100.0, step=0.5, tooltip="Flux-Fill distilled guidance."
+                ),
+                io.Int.Input(
+                    "short_side",
+                    default=DEFAULT_SHORT_SIDE,
+                    min=0,
+                    max=4096,
+                    step=64,
+                    tooltip="Processing size (short side, never upscaled; 0 = input size). The background "
+                    "keeps the input's own pixels outside the mask; the layers are mapped back.",
+                ),
                 cache_threshold_input(),
             ],
             outputs=[
@@ -99,24 +122,52 @@ class DecomposeLayers(io.ComfyNode):
                 io.Mask.Output(display_name="alpha", tooltip="The object's alpha."),
                 io.Image.Output(display_name="background", tooltip="The background with the object removed."),
             ],
-        )  # fmt: skip
+        )
 
     @classmethod
-    def execute(cls, decomposition_model, image, mask, positive, vae, rgba_vae, seed, steps, guidance, short_side,
-                edge=None, segmentation=None, depth=None, cache_threshold=0.0) -> io.NodeOutput:  # fmt: skip
+    def execute(
+        cls,
+        decomposition_model,
+        image,
+        mask,
+        positive,
+        vae,
+        rgba_vae,
+        seed,
+        steps,
+        guidance,
+        short_side,
+        edge=None,
+        segmentation=None,
+        depth=None,
+        cache_threshold=0.0,
+    ) -> io.NodeOutput:
         image = image_to_core(image, "image")
         size = (image.shape[-1], image.shape[-2])
         mask = mask_to_core(mask, "mask", size)
-        maps = {k: None if v is None else image_to_core(v, k)
-                for k, v in (("edge", edge), ("segmentation", segmentation), ("depth", depth))}  # fmt: skip
+        maps = {
+            k: None if v is None else image_to_core(v, k)
+            for k, v in (("edge", edge), ("segmentation", segmentation), ("depth", depth))
+        }
         embeds, pooled = flux_text(positive)
         pipe = DecompositionPipeline(
             decomposition_model.load(), ComfyFluxVAE(vae), rgba_vae, decomposition_model.scheduler_config
         )
         callback, interrupt = progress(steps)
-        result = pipe.decompose(image, mask, embeds, pooled, **maps, seed=seed, steps=steps, guidance=guidance,
-                                short_side=short_side, callback=callback, interrupt=interrupt,
-                                cache_threshold=cache_threshold)  # fmt: skip
+        result = pipe.decompose(
+            image,
+            mask,
+            embeds,
+            pooled,
+            **maps,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            short_side=short_side,
+            callback=callback,
+            interrupt=interrupt,
+            cache_threshold=cache_threshold,
+        )
         fg = image_from_core(result.foreground)
         return io.NodeOutput(fg, fg[..., 3].clone(), image_from_core(result.background))
 

@@ -45,8 +45,10 @@ def match_batches(inputs: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
     batch = max(sizes.values())
     if any(size not in (1, batch) for size in sizes.values()):
         given = ", ".join(f"`{name}` has {size}" for name, size in sizes.items())
-        raise ValueError(f"Batch sizes do not match: {given}. Give every input either 1 image (used for each item) "
-                         f"or the same number of images ({batch}).")  # fmt: skip
+        raise ValueError(
+            f"Batch sizes do not match: {given}. Give every input either 1 image (used for each item) "
+            f"or the same number of images ({batch})."
+        )
     return [t.expand(batch, *t.shape[1:]) for _, t in inputs]
 
 
@@ -77,18 +79,32 @@ class RGBADecode(io.ComfyNode):
             inputs=[
                 RGBA_VAE.Input("rgba_vae", tooltip="From Load RGBA VAE."),
                 io.Latent.Input("foreground", tooltip="The foreground LATENT of BG2FG Sample / Extract Foreground."),
-                io.Vae.Input("vae", optional=True, tooltip="The Flux VAE: needed by LayerDiffuse's TransparentVAE "
-                                                            "(it refines the ordinary RGB decode)."),
-                io.Boolean.Input("tta", default=True, tooltip="LayerDiffuse only: median of 8 flipped/rotated passes "
-                                                              "(reference quality); off = one pass, 8× faster."),
+                io.Vae.Input(
+                    "vae",
+                    optional=True,
+                    tooltip="The Flux VAE: needed by LayerDiffuse's TransparentVAE "
+                    "(it refines the ordinary RGB decode).",
+                ),
+                io.Boolean.Input(
+                    "tta",
+                    default=True,
+                    tooltip="LayerDiffuse only: median of 8 flipped/rotated passes "
+                    "(reference quality); off = one pass, 8× faster.",
+                ),
             ],
             outputs=[
-                io.Image.Output(display_name="rgba", tooltip="RGBA image (4 channels, straight alpha) at the size of "
-                                                             "the background the layer was made for."),
-                io.Mask.Output(display_name="alpha", tooltip="Opacity α: 1 = opaque object/shadow, 0 = transparent. "
-                               "Note: LoadImage's mask is 1 − α; use InvertMask to convert between them."),
+                io.Image.Output(
+                    display_name="rgba",
+                    tooltip="RGBA image (4 channels, straight alpha) at the size of "
+                    "the background the layer was made for.",
+                ),
+                io.Mask.Output(
+                    display_name="alpha",
+                    tooltip="Opacity α: 1 = opaque object/shadow, 0 = transparent. "
+                    "Note: LoadImage's mask is 1 − α; use InvertMask to convert between them.",
+                ),
             ],
-        )  # fmt: skip
+        )
 
     @classmethod
     def execute(cls, rgba_vae, foreground, vae=None, tta=True) -> io.NodeOutput:
@@ -118,11 +134,15 @@ class CompositeLayer(io.ComfyNode):
             inputs=[
                 io.Image.Input("background", tooltip="RGB (or RGBA) image the layer goes over."),
                 io.Image.Input("layer", tooltip="RGBA layer of the same size (RGBA Decode's output)."),
-                io.Mask.Input("alpha", optional=True, tooltip="Opacity for an RGB `layer` (1 = opaque). Ignored "
-                                                              "when the layer already has an alpha channel."),
+                io.Mask.Input(
+                    "alpha",
+                    optional=True,
+                    tooltip="Opacity for an RGB `layer` (1 = opaque). Ignored "
+                    "when the layer already has an alpha channel.",
+                ),
             ],
             outputs=[io.Image.Output(display_name="image")],
-        )  # fmt: skip
+        )
 
     @classmethod
     def execute(cls, background, layer, alpha=None) -> io.NodeOutput:
@@ -133,15 +153,19 @@ class CompositeLayer(io.ComfyNode):
                 raise ValueError("`layer` is RGB without alpha: connect its `alpha` mask (RGBA Decode gives both).")
             mask = (alpha[:, None] if alpha.ndim == 3 else alpha[None, None]).float()
             if mask.shape[-2:] != top.shape[-2:]:
-                raise ValueError(f"`alpha` is {mask.shape[-1]}×{mask.shape[-2]} but `layer` is {top.shape[-1]}×"
-                                 f"{top.shape[-2]}: connect the mask that belongs to the layer.")  # fmt: skip
+                raise ValueError(
+                    f"`alpha` is {mask.shape[-1]}×{mask.shape[-2]} but `layer` is {top.shape[-1]}×"
+                    f"{top.shape[-2]}: connect the mask that belongs to the layer."
+                )
             top, mask = match_batches([("layer", top), ("alpha", mask)])
             top = torch.cat([top, mask], 1)
         bottom, top = match_batches([("background", bottom), ("layer", top)])
         if top.shape[-2:] != bottom.shape[-2:]:
-            raise ValueError(f"`layer` is {top.shape[-1]}×{top.shape[-2]} but `background` is "
-                             f"{bottom.shape[-1]}×{bottom.shape[-2]}; they must match (RGBA Decode pastes the layer "
-                             f"back at its background's size).")  # fmt: skip
+            raise ValueError(
+                f"`layer` is {top.shape[-1]}×{top.shape[-2]} but `background` is "
+                f"{bottom.shape[-1]}×{bottom.shape[-2]}; they must match (RGBA Decode pastes the layer "
+                f"back at its background's size)."
+            )
         result = over(top, bottom)
         return io.NodeOutput(image_from_core(result[:, :3] if bottom.shape[1] == 3 else result))
 
@@ -162,7 +186,7 @@ class BoxToMask(io.ComfyNode):
                 io.Int.Input("y1", default=256, min=1, max=16384, tooltip="Bottom edge in pixels (exclusive)."),
             ],
             outputs=[io.Mask.Output(display_name="mask")],
-        )  # fmt: skip
+        )
 
     @classmethod
     def execute(cls, image, x0, y0, x1, y1) -> io.NodeOutput:
@@ -176,30 +200,46 @@ class BoxToMask(io.ComfyNode):
 class SaveLayers(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        layers = [io.Image.Input(f"layer_{i}", optional=i > 1, tooltip=f"RGBA layer {i} (bottom to top), at the "
-                                 f"background's size.") for i in range(1, MAX_LAYERS + 1)]  # fmt: skip
+        layers = [
+            io.Image.Input(
+                f"layer_{i}", optional=i > 1, tooltip=f"RGBA layer {i} (bottom to top), at the background's size."
+            )
+            for i in range(1, MAX_LAYERS + 1)
+        ]
         return io.Schema(
             node_id="BFSSaveLayers",
             display_name="Save Layers (PSD/ORA)",
             category=CATEGORY,
             is_output_node=True,
             description="Save the background and RGBA layers as a layered PSD and/or OpenRaster file in the output "
-                        "folder, every layer named (any language), with a merged preview. A batch saves one file per "
-                        "item: <prefix>_00001_.psd, <prefix>_00002_.psd, … (an input with one image is used for "
-                        "every item). The node shows the merged images and the file names.",
+            "folder, every layer named (any language), with a merged preview. A batch saves one file per "
+            "item: <prefix>_00001_.psd, <prefix>_00002_.psd, … (an input with one image is used for "
+            "every item). The node shows the merged images and the file names.",
             inputs=[
                 io.Image.Input("background", tooltip="The bottom layer."),
                 *layers,
-                io.String.Input("names", default="", tooltip="Layer names, comma-separated, bottom to top (e.g. "
-                                                             "'vase, cat'). Missing names become 'Layer N'."),
-                io.Combo.Input("format", options=[f.value for f in LayeredFormat], default=LayeredFormat.PSD.value,
-                               tooltip="PSD (Photoshop, GIMP, Krita), ORA (Krita, MyPaint, GIMP 3) or both."),
-                io.String.Input("filename_prefix", default="bfs/scene", tooltip="Output file prefix, in the output "
-                                "folder; a counter follows (<prefix>_00001_.psd), one number per batch item."),
+                io.String.Input(
+                    "names",
+                    default="",
+                    tooltip="Layer names, comma-separated, bottom to top (e.g. "
+                    "'vase, cat'). Missing names become 'Layer N'.",
+                ),
+                io.Combo.Input(
+                    "format",
+                    options=[f.value for f in LayeredFormat],
+                    default=LayeredFormat.PSD.value,
+                    tooltip="PSD (Photoshop, GIMP, Krita), ORA (Krita, MyPaint, GIMP 3) or both.",
+                ),
+                io.String.Input(
+                    "filename_prefix",
+                    default="bfs/scene",
+                    tooltip="Output file prefix, in the output "
+                    "folder; a counter follows (<prefix>_00001_.psd), one number per batch item.",
+                ),
             ],
             outputs=[io.String.Output(display_name="paths", tooltip="The files written, one per line.")],
             hidden=[io.Hidden.unique_id],
-        )  # fmt: skip
+        )
 
     @classmethod
     def execute(cls, background, names, format, filename_prefix, **layers) -> io.NodeOutput:

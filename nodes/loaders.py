@@ -30,8 +30,10 @@ def check_model_file(folder: str, filename: str, input_name: str) -> bool | str:
     path = folder_paths.get_full_path(folder, filename) if isinstance(filename, str) else None
     if path is None or not os.path.isfile(path):
         searched = ", ".join(folder_paths.get_folder_paths(folder)) or f"models/{folder}"
-        return (f"`{input_name}`: {filename!r} is not in models/{folder} (searched {searched}). Put the file there, "
-                "then press R in ComfyUI to refresh the lists.")  # fmt: skip
+        return (
+            f"`{input_name}`: {filename!r} is not in models/{folder} (searched {searched}). Put the file there, "
+            "then press R in ComfyUI to refresh the lists."
+        )
     try:
         if path.lower().endswith((".safetensors", ".sft")):
             with open_safetensors(path, input_name) as f:
@@ -58,18 +60,28 @@ class LoadBFS(io.ComfyNode):
             category=CATEGORY,
             description="FLUX.1-Fill-dev turned into the BFS dual-branch model (composite + foreground branches).",
             inputs=[
-                io.Combo.Input("base_model", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="FLUX.1-Fill-dev from models/diffusion_models (bf16, fp8 or scaled fp8). "
-                                       "FLUX.1-dev will not do: BFS needs the Fill model's 384 input channels."),
-                io.Combo.Input("bfs_weights", options=folder_paths.get_filename_list("bfs"),
-                               tooltip="BFS weights from models/bfs: the official trained_weights.pt or this "
-                                       "pack's .safetensors. The preset (release or paper) is read from the file."),
-                io.Combo.Input("weight_dtype", options=[d.value for d in WeightDtype], default=WeightDtype.BF16.value,
-                               tooltip="bf16: as released. fp8_e4m3fn: store the frozen Flux weights in fp8 "
-                                       "(about half the memory, computed in bf16). fp32: for CPU runs."),
+                io.Combo.Input(
+                    "base_model",
+                    options=folder_paths.get_filename_list("diffusion_models"),
+                    tooltip="FLUX.1-Fill-dev from models/diffusion_models (bf16, fp8 or scaled fp8). "
+                    "FLUX.1-dev will not do: BFS needs the Fill model's 384 input channels.",
+                ),
+                io.Combo.Input(
+                    "bfs_weights",
+                    options=folder_paths.get_filename_list("bfs"),
+                    tooltip="BFS weights from models/bfs: the official trained_weights.pt or this "
+                    "pack's .safetensors. The preset (release or paper) is read from the file.",
+                ),
+                io.Combo.Input(
+                    "weight_dtype",
+                    options=[d.value for d in WeightDtype],
+                    default=WeightDtype.BF16.value,
+                    tooltip="bf16: as released. fp8_e4m3fn: store the frozen Flux weights in fp8 "
+                    "(about half the memory, computed in bf16). fp32: for CPU runs.",
+                ),
             ],
             outputs=[BFS_MODEL.Output(display_name="bfs_model")],
-        )  # fmt: skip
+        )
 
     @classmethod
     def validate_inputs(cls, base_model, bfs_weights) -> bool | str:
@@ -109,14 +121,17 @@ class LoadRGBAVAE(io.ComfyNode):
             display_name="Load RGBA VAE",
             category=CATEGORY,
             description="An RGBA decoder for Flux latents: the BFS release transparency VAE or LayerDiffuse-Flux's "
-                        "TransparentVAE (detected from the file).",
+            "TransparentVAE (detected from the file).",
             inputs=[
-                io.Combo.Input("rgba_vae", options=folder_paths.get_filename_list("bfs"),
-                               tooltip="From models/bfs: TransparentVAE.pth/.safetensors (LayerDiffuse), a release "
-                                       "transparency-VAE .safetensors, or its folder's diffusion_pytorch_model file."),
+                io.Combo.Input(
+                    "rgba_vae",
+                    options=folder_paths.get_filename_list("bfs"),
+                    tooltip="From models/bfs: TransparentVAE.pth/.safetensors (LayerDiffuse), a release "
+                    "transparency-VAE .safetensors, or its folder's diffusion_pytorch_model file.",
+                ),
             ],
             outputs=[RGBA_VAE.Output(display_name="rgba_vae")],
-        )  # fmt: skip
+        )
 
     @classmethod
     def validate_inputs(cls, rgba_vae) -> bool | str:

@@ -29,19 +29,40 @@ CATEGORY = "BFS/sampling"
 
 def _common_inputs() -> list:
     return [
-        io.Conditioning.Input("positive", tooltip="What the foreground is: Flux CLIPTextEncode (DualCLIPLoader, type "
-                              "flux), or a Redux reference (StyleModelApply) for reference-guided layers."),
+        io.Conditioning.Input(
+            "positive",
+            tooltip="What the foreground is: Flux CLIPTextEncode (DualCLIPLoader, type "
+            "flux), or a Redux reference (StyleModelApply) for reference-guided layers.",
+        ),
         io.Vae.Input("vae", tooltip="The native Flux VAE (ae.safetensors)."),
-        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                     tooltip="Seed of the sampling noise."),
+        io.Int.Input(
+            "seed",
+            default=0,
+            min=0,
+            max=0xFFFFFFFFFFFFFFFF,
+            control_after_generate=True,
+            tooltip="Seed of the sampling noise.",
+        ),
         io.Int.Input("steps", default=50, min=1, max=200, tooltip="Euler steps (the paper uses 50)."),
-        io.Float.Input("guidance", default=30.0, min=0.0, max=100.0, step=0.5,
-                       tooltip="Flux-Fill distilled guidance (the paper uses 30)."),
-        io.Int.Input("short_side", default=512, min=0, max=2048, step=64,
-                     tooltip="Processing size: the short side is resized to this (never upscaled; 512 as trained), "
-                             "sides rounded up to multiples of 64. 0 keeps the input size. Results are mapped back."),
+        io.Float.Input(
+            "guidance",
+            default=30.0,
+            min=0.0,
+            max=100.0,
+            step=0.5,
+            tooltip="Flux-Fill distilled guidance (the paper uses 30).",
+        ),
+        io.Int.Input(
+            "short_side",
+            default=512,
+            min=0,
+            max=2048,
+            step=64,
+            tooltip="Processing size: the short side is resized to this (never upscaled; 512 as trained), "
+            "sides rounded up to multiples of 64. 0 keeps the input size. Results are mapped back.",
+        ),
         cache_threshold_input(),
-    ]  # fmt: skip
+    ]
 
 
 def _outputs() -> list:
@@ -52,8 +73,20 @@ def _outputs() -> list:
     ]
 
 
-def _run(model, vae, positive, seed, steps, guidance, short_side, background, mask, composite=None, node_id=None,
-         cache_threshold=0.0):  # fmt: skip
+def _run(
+    model,
+    vae,
+    positive,
+    seed,
+    steps,
+    guidance,
+    short_side,
+    background,
+    mask,
+    composite=None,
+    node_id=None,
+    cache_threshold=0.0,
+):
     background = image_to_core(background, "background")
     size = (background.shape[-1], background.shape[-2])
     region = bounding_box_masks(mask_to_core(mask, "mask", size))
@@ -61,8 +94,15 @@ def _run(model, vae, positive, seed, steps, guidance, short_side, background, ma
     embeds, pooled = flux_text(positive)
     pipe = BFSPipeline(model.load(), ComfyFluxVAE(vae), model.scheduler_config)
     callback, interrupt = progress(steps)
-    common = dict(seed=seed, steps=steps, guidance=guidance, short_side=short_side, callback=callback,
-                  interrupt=interrupt, cache_threshold=cache_threshold)  # fmt: skip
+    common = dict(
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        short_side=short_side,
+        callback=callback,
+        interrupt=interrupt,
+        cache_threshold=cache_threshold,
+    )
     messages = []
     if isinstance(model, ToyModelHandle):  # the toy maps any image into its 64×64 world and back, and warns
         run = run_toy(pipe, background, region, embeds, pooled, composite, **common)
@@ -93,23 +133,38 @@ class BG2FGSample(io.ComfyNode):
             display_name="BG2FG Sample",
             category=CATEGORY,
             description="Generate a foreground layer (with its shadow/reflection) for a region of a background; the "
-                        "composite branch is generated with it.",
+            "composite branch is generated with it.",
             inputs=[
                 BFS_MODEL.Input("bfs_model", tooltip="From Load BFS."),
                 io.Image.Input("background", tooltip="The background layer the object is added to."),
-                io.Mask.Input("mask", tooltip="Where the object goes (white = region). Any shape: its bounding box "
-                                              "is used, as in the paper. Box to Mask makes one from coordinates."),
+                io.Mask.Input(
+                    "mask",
+                    tooltip="Where the object goes (white = region). Any shape: its bounding box "
+                    "is used, as in the paper. Box to Mask makes one from coordinates.",
+                ),
                 *_common_inputs(),
             ],
             outputs=_outputs(),
             hidden=[io.Hidden.unique_id],
-        )  # fmt: skip
+        )
 
     @classmethod
-    def execute(cls, bfs_model, background, mask, positive, vae, seed, steps, guidance, short_side,
-                cache_threshold=0.0) -> io.NodeOutput:  # fmt: skip
-        return _run(bfs_model, vae, positive, seed, steps, guidance, short_side, background, mask,
-                    node_id=cls.hidden.unique_id, cache_threshold=cache_threshold)  # fmt: skip
+    def execute(
+        cls, bfs_model, background, mask, positive, vae, seed, steps, guidance, short_side, cache_threshold=0.0
+    ) -> io.NodeOutput:
+        return _run(
+            bfs_model,
+            vae,
+            positive,
+            seed,
+            steps,
+            guidance,
+            short_side,
+            background,
+            mask,
+            node_id=cls.hidden.unique_id,
+            cache_threshold=cache_threshold,
+        )
 
 
 class ExtractForeground(io.ComfyNode):
@@ -120,7 +175,7 @@ class ExtractForeground(io.ComfyNode):
             display_name="Extract Foreground",
             category=CATEGORY,
             description="Pull the foreground layer, with its shadows and reflections, out of a composite given its "
-                        "background (the composite branch is held clean at t = 0).",
+            "background (the composite branch is held clean at t = 0).",
             inputs=[
                 BFS_MODEL.Input("bfs_model", tooltip="From Load BFS."),
                 io.Image.Input("composite", tooltip="The image with the object in it."),
@@ -132,16 +187,42 @@ class ExtractForeground(io.ComfyNode):
             ],
             outputs=_outputs(),
             hidden=[io.Hidden.unique_id],
-        )  # fmt: skip
+        )
 
     @classmethod
-    def execute(cls, bfs_model, composite, background, mask, positive, vae, seed, steps, guidance, short_side,
-                cache_threshold=0.0):  # fmt: skip
+    def execute(
+        cls,
+        bfs_model,
+        composite,
+        background,
+        mask,
+        positive,
+        vae,
+        seed,
+        steps,
+        guidance,
+        short_side,
+        cache_threshold=0.0,
+    ):
         if composite.shape != background.shape:
-            raise ValueError(f"`composite` {list(composite.shape)} and `background` {list(background.shape)} must "
-                             "have the same size: the composite is the background with the object added.")  # fmt: skip
-        return _run(bfs_model, vae, positive, seed, steps, guidance, short_side, background, mask, composite,
-                    node_id=cls.hidden.unique_id, cache_threshold=cache_threshold)  # fmt: skip
+            raise ValueError(
+                f"`composite` {list(composite.shape)} and `background` {list(background.shape)} must "
+                "have the same size: the composite is the background with the object added."
+            )
+        return _run(
+            bfs_model,
+            vae,
+            positive,
+            seed,
+            steps,
+            guidance,
+            short_side,
+            background,
+            mask,
+            composite,
+            node_id=cls.hidden.unique_id,
+            cache_threshold=cache_threshold,
+        )
 
 
 class SamplingNodes(ComfyExtension):

@@ -47,17 +47,23 @@ class TestConditioning(io.ComfyNode):
                 io.Int.Input("pooled_width", default=32, min=1, max=8192, tooltip="Pooled width (768 for Flux)."),
                 io.Int.Input("text_tokens", default=8, min=1, max=512, tooltip="Number of text tokens."),
                 io.Int.Input("image_tokens", default=0, min=0, max=1024, tooltip="Redux-style appended tokens."),
-                io.Combo.Input("poison", options=[p.value for p in Poison], default="none", optional=True,
-                               tooltip="Put one NaN/inf into the tokens."),
+                io.Combo.Input(
+                    "poison",
+                    options=[p.value for p in Poison],
+                    default="none",
+                    optional=True,
+                    tooltip="Put one NaN/inf into the tokens.",
+                ),
                 io.Int.Input("batch", default=1, min=1, max=64, optional=True, tooltip="Repeat over a batch."),
                 io.Boolean.Input("pooled", default=True, optional=True, tooltip="Off: no pooled_output."),
             ],
             outputs=[io.Conditioning.Output()],
-        )  # fmt: skip
+        )
 
     @classmethod
-    def execute(cls, text, width, pooled_width, text_tokens, image_tokens, poison="none", batch=1,
-                pooled=True) -> io.NodeOutput:  # fmt: skip
+    def execute(
+        cls, text, width, pooled_width, text_tokens, image_tokens, poison="none", batch=1, pooled=True
+    ) -> io.NodeOutput:
         seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
         gen = torch.Generator().manual_seed(seed)
         tokens = torch.randn(1, text_tokens, width, generator=gen)
@@ -82,12 +88,19 @@ class TestTensor(io.ComfyNode):
                 io.Int.Input("batch", default=1, min=1, max=64, tooltip="Batch size."),
                 io.Int.Input("channels", default=3, min=1, max=8, tooltip="IMAGE channels."),
                 io.Float.Input("value", default=0.5, min=-10.0, max=10.0, step=0.01, tooltip="Fill value."),
-                io.Combo.Input("poison", options=[p.value for p in Poison], default="none",
-                               tooltip="Put one NaN/inf into each output."),
+                io.Combo.Input(
+                    "poison",
+                    options=[p.value for p in Poison],
+                    default="none",
+                    tooltip="Put one NaN/inf into each output.",
+                ),
             ],
-            outputs=[io.Image.Output(display_name="image"), io.Mask.Output(display_name="mask"),
-                     io.Latent.Output(display_name="latent")],
-        )  # fmt: skip
+            outputs=[
+                io.Image.Output(display_name="image"),
+                io.Mask.Output(display_name="mask"),
+                io.Latent.Output(display_name="latent"),
+            ],
+        )
 
     @classmethod
     def execute(cls, width, height, batch, channels, value, poison) -> io.NodeOutput:
@@ -136,7 +149,7 @@ class TestNaNModel(io.ComfyNode):
                 io.Combo.Input("branch", options=["comp", "fg"], default="fg", tooltip="Which branch."),
             ],
             outputs=[BFS_MODEL.Output(display_name="bfs_model")],
-        )  # fmt: skip
+        )
 
     @classmethod
     def execute(cls, bfs_model, step, branch) -> io.NodeOutput:

@@ -64,10 +64,10 @@ class LoadToyModel(io.ComfyNode):
             display_name="Load BFS Toy Model",
             category=CATEGORY,
             description="The tiny BFS model shipped inside this pack (64×64 toy world: a sky, a ground, a sun; "
-                        "coloured cubes, balls, cones and pillars with shadows). No download; runs on CPU in "
-                        "seconds. Use it with Toy Background and Toy Text Encode to try every BFS node. It was "
-                        "trained at 64×64: the samplers resize any image into that world and back, and warn on the "
-                        "node when a box is too small, too large or off the ground.",
+            "coloured cubes, balls, cones and pillars with shadows). No download; runs on CPU in "
+            "seconds. Use it with Toy Background and Toy Text Encode to try every BFS node. It was "
+            "trained at 64×64: the samplers resize any image into that world and back, and warn on the "
+            "node when a box is too small, too large or off the ground.",
             inputs=[],
             outputs=[
                 BFS_MODEL.Output(display_name="bfs_model", tooltip="For BG2FG Sample / Extract Foreground."),
@@ -75,7 +75,7 @@ class LoadToyModel(io.ComfyNode):
                 RGBA_VAE.Output(display_name="rgba_vae", tooltip="The toy RGBA decoder, for RGBA Decode."),
                 TOY_TEXT_ENCODER.Output(display_name="text_encoder", tooltip="For Toy Text Encode."),
             ],
-        )  # fmt: skip
+        )
 
     @classmethod
     def execute(cls) -> io.NodeOutput:
@@ -94,18 +94,24 @@ class ToyTextEncode(io.ComfyNode):
             description="A toy prompt -> CONDITIONING (Flux's structure: T5-like tokens + pooled CLIP-like vector).",
             inputs=[
                 TOY_TEXT_ENCODER.Input("text_encoder", tooltip="From Load BFS Toy Model."),
-                io.Combo.Input("text", options=vocabulary(), default="a red cube",
-                               tooltip=f"'a <colour> <shape>': colours {', '.join(COLOURS)}; shapes "
-                                       f"{', '.join(SHAPES)}. The toy model knows nothing else."),
+                io.Combo.Input(
+                    "text",
+                    options=vocabulary(),
+                    default="a red cube",
+                    tooltip=f"'a <colour> <shape>': colours {', '.join(COLOURS)}; shapes "
+                    f"{', '.join(SHAPES)}. The toy model knows nothing else.",
+                ),
             ],
             outputs=[io.Conditioning.Output()],
-        )  # fmt: skip
+        )
 
     @classmethod
     def execute(cls, text_encoder, text) -> io.NodeOutput:
         if text not in vocabulary():  # ComfyUI 0.3.75 does not check V3 combo values sent through the API
-            raise ValueError(f"`text` must be one of the toy model's prompts ('a <colour> <shape>': colours "
-                             f"{', '.join(COLOURS)}; shapes {', '.join(SHAPES)}) but got {text!r}.")  # fmt: skip
+            raise ValueError(
+                f"`text` must be one of the toy model's prompts ('a <colour> <shape>': colours "
+                f"{', '.join(COLOURS)}; shapes {', '.join(SHAPES)}) but got {text!r}."
+            )
         embeds, pooled = encode_toy_prompt(text_encoder, text)
         return io.NodeOutput([[embeds.float(), {"pooled_output": pooled.float()}]])
 
@@ -118,10 +124,10 @@ class ToyBackground(io.ComfyNode):
             display_name="Toy Background",
             category=CATEGORY,
             description=f"A {SIZE}×{SIZE} toy-world background: sky, ground and a sun whose side and height set "
-                        "where shadows fall and how long they are.",
+            "where shadows fall and how long they are.",
             inputs=[io.Int.Input("seed", default=3, min=0, max=2**31 - 1, tooltip="Which background.")],
             outputs=[io.Image.Output(display_name="background")],
-        )  # fmt: skip
+        )
 
     @classmethod
     def execute(cls, seed) -> io.NodeOutput:

@@ -53,8 +53,10 @@ def main() -> int:
     for name, out in (("idle", idle_out), ("loaded", loaded_out)):
         line = next(x for x in out.splitlines() if x.startswith("preset=release"))
         print(f"{name}: {line}")
-    print(f"idle_ratio={idle:.3f} loaded_ratio={loaded:.3f} change={change * 100:.1f}% "
-          f"({'within' if change < 0.05 else 'OUTSIDE'} 5%)")  # fmt: skip
+    print(
+        f"idle_ratio={idle:.3f} loaded_ratio={loaded:.3f} change={change * 100:.1f}% "
+        f"({'within' if change < 0.05 else 'OUTSIDE'} 5%)"
+    )
     return 0 if change < 0.05 else 1
 
 

@@ -24,14 +24,30 @@ LAYERDIFFUSE_VAE = "TransparentVAE.safetensors"
 
 def text_nodes(first_id: int, prompt: str) -> dict:
     return {
-        first_id: ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
-                                      "type": "flux", "device": "default"}, {}),
+        first_id: (
+            "DualCLIPLoader",
+            {
+                "clip_name1": "clip_l.safetensors",
+                "clip_name2": "t5xxl_fp16.safetensors",
+                "type": "flux",
+                "device": "default",
+            },
+            {},
+        ),
         first_id + 1: ("CLIPTextEncode", {"text": prompt}, {"clip": (first_id, 0)}),
-    }  # fmt: skip
+    }
 
 
-def sample(node_type: str, model: int, background: tuple, mask: tuple, positive: tuple, vae: int, seed: int,
-           composite: tuple | None = None) -> tuple:  # fmt: skip
+def sample(
+    node_type: str,
+    model: int,
+    background: tuple,
+    mask: tuple,
+    positive: tuple,
+    vae: int,
+    seed: int,
+    composite: tuple | None = None,
+) -> tuple:
     links = {"bfs_model": (model, 0), "background": background, "mask": mask, "positive": positive, "vae": (vae, 0)}
     if composite is not None:
         links["composite"] = composite
@@ -53,9 +69,12 @@ def bg2fg(prompt: str, reference: bool = False, decoder: str = RELEASE_VAE) -> d
             11: ("CLIPVisionLoader", {"clip_name": "sigclip_vision_patch14_384.safetensors"}, {}),
             12: ("CLIPVisionEncode", {"crop": "center"}, {"clip_vision": (11, 0), "image": (10, 0)}),
             13: ("StyleModelLoader", {"style_model_name": "flux1-redux-dev.safetensors"}, {}),
-            14: ("StyleModelApply", {"strength": 1.0, "strength_type": "multiply"},
-                 {"conditioning": (5, 0), "style_model": (13, 0), "clip_vision_output": (12, 0)}),
-        }  # fmt: skip
+            14: (
+                "StyleModelApply",
+                {"strength": 1.0, "strength_type": "multiply"},
+                {"conditioning": (5, 0), "style_model": (13, 0), "clip_vision_output": (12, 0)},
+            ),
+        }
         positive = (14, 0)
     nodes |= {
         7: sample("BFSBG2FGSample", 3, (1, 0), (2, 0), positive, 6, seed=42),
@@ -65,9 +84,12 @@ def bg2fg(prompt: str, reference: bool = False, decoder: str = RELEASE_VAE) -> d
         16: ("PreviewImage", {}, {"images": (7, 1)}),
         17: ("BFSCompositeLayer", {}, {"background": (1, 0), "layer": (9, 0)}),
         18: ("PreviewImage", {}, {"images": (17, 0)}),
-        19: ("BFSSaveLayers", {"names": prompt.removeprefix("a ").removeprefix("an "), "format": "psd",
-                               "filename_prefix": "bfs/scene"}, {"background": (1, 0), "layer_1": (9, 0)}),
-    }  # fmt: skip
+        19: (
+            "BFSSaveLayers",
+            {"names": prompt.removeprefix("a ").removeprefix("an "), "format": "psd", "filename_prefix": "bfs/scene"},
+            {"background": (1, 0), "layer_1": (9, 0)},
+        ),
+    }
     return nodes
 
 
@@ -75,11 +97,19 @@ def three_layer_scene() -> dict:
     nodes = {
         1: ("LoadImage", {"image": "background.png"}, {}),
         3: ("BFSLoadModel", {"base_model": FILL, "bfs_weights": BFS, "weight_dtype": "bf16"}, {}),
-        4: ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
-                               "type": "flux", "device": "default"}, {}),
+        4: (
+            "DualCLIPLoader",
+            {
+                "clip_name1": "clip_l.safetensors",
+                "clip_name2": "t5xxl_fp16.safetensors",
+                "type": "flux",
+                "device": "default",
+            },
+            {},
+        ),
         6: ("VAELoader", {"vae_name": "ae.safetensors"}, {}),
         8: ("BFSLoadRGBAVAE", {"rgba_vae": RELEASE_VAE}, {}),
-    }  # fmt: skip
+    }
     background, layers = (1, 0), []
     boxes = [(40, 260, 220, 500), (260, 200, 420, 470), (430, 300, 600, 500)]
     prompts = ["a wooden chair", "a potted plant", "a sleeping cat"]
@@ -95,8 +125,11 @@ def three_layer_scene() -> dict:
         layers.append((base + 3, 0))
         background = (base + 4, 0)  # each addition sees the scene so far
     nodes[60] = ("PreviewImage", {}, {"images": background})
-    nodes[61] = ("BFSSaveLayers", {"names": "chair, plant, cat", "format": "psd+ora", "filename_prefix": "bfs/scene3"},
-                 {"background": (1, 0), **{f"layer_{i + 1}": layer for i, layer in enumerate(layers)}})  # fmt: skip
+    nodes[61] = (
+        "BFSSaveLayers",
+        {"names": "chair, plant, cat", "format": "psd+ora", "filename_prefix": "bfs/scene3"},
+        {"background": (1, 0), **{f"layer_{i + 1}": layer for i, layer in enumerate(layers)}},
+    )
     return nodes
 
 
@@ -121,20 +154,35 @@ def extract_foreground() -> dict:
 def decompose_layers() -> dict:
     return {
         1: ("LoadImage", {"image": "photo.png"}, {}),
-        2: ("BFSLoadDecomposition", {"base_model": FILL, "weights": "outpaint_and_remove.safetensors",
-                                     "weight_dtype": "bf16"}, {}),
+        2: (
+            "BFSLoadDecomposition",
+            {"base_model": FILL, "weights": "outpaint_and_remove.safetensors", "weight_dtype": "bf16"},
+            {},
+        ),
         **text_nodes(3, ""),
         5: ("VAELoader", {"vae_name": "ae.safetensors"}, {}),
         6: ("BFSLoadRGBAVAE", {"rgba_vae": RELEASE_VAE}, {}),
         7: ("InvertMask", {}, {"mask": (1, 1)}),  # LoadImage's mask is 1 − alpha of the painted area
-        8: ("BFSDecomposeLayers", {"seed": 0, "steps": 28, "guidance": 30.0, "short_side": 1024},
-            {"decomposition_model": (2, 0), "image": (1, 0), "mask": (7, 0), "positive": (4, 0), "vae": (5, 0),
-             "rgba_vae": (6, 0)}),
+        8: (
+            "BFSDecomposeLayers",
+            {"seed": 0, "steps": 28, "guidance": 30.0, "short_side": 1024},
+            {
+                "decomposition_model": (2, 0),
+                "image": (1, 0),
+                "mask": (7, 0),
+                "positive": (4, 0),
+                "vae": (5, 0),
+                "rgba_vae": (6, 0),
+            },
+        ),
         9: ("SaveImage", {"filename_prefix": "bfs/decomposed_foreground"}, {"images": (8, 0)}),
         10: ("SaveImage", {"filename_prefix": "bfs/decomposed_background"}, {"images": (8, 2)}),
-        11: ("BFSSaveLayers", {"names": "object", "format": "psd", "filename_prefix": "bfs/decomposed"},
-             {"background": (8, 2), "layer_1": (8, 0)}),
-    }  # fmt: skip
+        11: (
+            "BFSSaveLayers",
+            {"names": "object", "format": "psd", "filename_prefix": "bfs/decomposed"},
+            {"background": (8, 2), "layer_1": (8, 0)},
+        ),
+    }
 
 
 def toy_scene() -> dict:
@@ -151,13 +199,21 @@ def toy_scene() -> dict:
         nodes |= {
             base: ("BFSBoxToMask", dict(zip(("x0", "y0", "x1", "y1"), box)), {"image": background}),
             base + 1: ("BFSToyTextEncode", {"text": prompt}, {"text_encoder": (2, 3)}),
-            base + 2: ("BFSBG2FGSample", {"seed": 10 + i, "steps": 20, "guidance": 30.0, "short_side": 512},
-                       {"bfs_model": (2, 0), "background": background, "mask": (base, 0), "positive": (base + 1, 0),
-                        "vae": (2, 1)}),
+            base + 2: (
+                "BFSBG2FGSample",
+                {"seed": 10 + i, "steps": 20, "guidance": 30.0, "short_side": 512},
+                {
+                    "bfs_model": (2, 0),
+                    "background": background,
+                    "mask": (base, 0),
+                    "positive": (base + 1, 0),
+                    "vae": (2, 1),
+                },
+            ),
             base + 3: ("BFSRGBADecode", {"tta": False}, {"rgba_vae": (2, 2), "foreground": (base + 2, 0)}),
             base + 4: ("BFSCompositeLayer", {}, {"background": background, "layer": (base + 3, 0)}),
             base + 5: ("SaveImage", {"filename_prefix": f"bfs_toy/layer_{i + 1}"}, {"images": (base + 3, 0)}),
-        }  # fmt: skip
+        }
         layers.append((base + 3, 0))
         background = (base + 4, 0)
     nodes[40] = ("SaveImage", {"filename_prefix": "bfs_toy/scene"}, {"images": background})
@@ -234,25 +290,50 @@ def to_ui(nodes: dict, info: dict) -> dict:
         column = depth[node_id]
         row[column] = row.get(column, 0) + 1
         ui_nodes[node_id] = {
-            "id": node_id, "type": node_type, "pos": [60 + 380 * column, 60 + 260 * (row[column] - 1)],
-            "size": [340, 200], "flags": {}, "order": 0, "mode": 0, "inputs": ui_inputs,
-            "outputs": [{"name": name, "type": kind, "links": [], "slot_index": slot}
-                        for slot, (name, kind) in enumerate(zip(spec["output_name"], spec["output"]))],
-            "properties": {"Node name for S&R": node_type}, "widgets_values": values,
-        }  # fmt: skip
+            "id": node_id,
+            "type": node_type,
+            "pos": [60 + 380 * column, 60 + 260 * (row[column] - 1)],
+            "size": [340, 200],
+            "flags": {},
+            "order": 0,
+            "mode": 0,
+            "inputs": ui_inputs,
+            "outputs": [
+                {"name": name, "type": kind, "links": [], "slot_index": slot}
+                for slot, (name, kind) in enumerate(zip(spec["output_name"], spec["output"]))
+            ],
+            "properties": {"Node name for S&R": node_type},
+            "widgets_values": values,
+        }
     for node_id, (_, _, inputs) in sorted(nodes.items()):
         for name, (src, slot) in inputs.items():
             link_id = len(links) + 1
             kind = ui_nodes[src]["outputs"][slot]["type"]
-            links.append([link_id, src, slot, node_id, next(i for i, x in enumerate(ui_nodes[node_id]["inputs"])
-                                                             if x["name"] == name), kind])  # fmt: skip
+            links.append(
+                [
+                    link_id,
+                    src,
+                    slot,
+                    node_id,
+                    next(i for i, x in enumerate(ui_nodes[node_id]["inputs"]) if x["name"] == name),
+                    kind,
+                ]
+            )
             next(x for x in ui_nodes[node_id]["inputs"] if x["name"] == name)["link"] = link_id
             ui_nodes[src]["outputs"][slot]["links"].append(link_id)
     ordered = sorted(ui_nodes.values(), key=lambda n: (depth[n["id"]], n["id"]))
     for order, node in enumerate(ordered):
         node["order"] = order
-    return {"last_node_id": max(nodes), "last_link_id": len(links), "nodes": ordered, "links": links, "groups": [],
-            "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}  # fmt: skip
+    return {
+        "last_node_id": max(nodes),
+        "last_link_id": len(links),
+        "nodes": ordered,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+        "version": 0.4,
+    }
 
 
 def main(argv: list[str]) -> int:

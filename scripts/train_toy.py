@@ -74,8 +74,11 @@ def build_base(work: Path, scenes: int) -> dict[str, Path]:
         world.write_datasets(work / "heldout", 64, 12345)
     vae_dir = work / "autoencoders"
     if not (vae_dir / "rgba_vae" / "config.json").is_file():
-        cfg = load_config(train_toy_autoencoders.TrainConfig, CONFIGS / "toy_vae.yaml",
-                          {"data_dir": str(data / "real"), "output_dir": str(vae_dir)})  # fmt: skip
+        cfg = load_config(
+            train_toy_autoencoders.TrainConfig,
+            CONFIGS / "toy_vae.yaml",
+            {"data_dir": str(data / "real"), "output_dir": str(vae_dir)},
+        )
         timed("toy-vae", train_toy_autoencoders.main, cfg)
     root = work / "model" / "flux-fill"
     if not (root / "tokenizer_2").is_dir():
@@ -89,16 +92,31 @@ def build_base(work: Path, scenes: int) -> dict[str, Path]:
     if not (rgba / "config.json").is_file():
         shutil.copytree(vae_dir / "rgba_vae", rgba, dirs_exist_ok=True)
     if not (root / "transformer" / "config.json").is_file():
-        cfg = load_config(train_base_fill.TrainConfig, CONFIGS / "toy_base_fill.yaml",
-                          {"data_dir": str(data / "real"), "vae": str(root / "vae"), "text_encoders": str(root),
-                           "output_dir": str(work / "base")})  # fmt: skip
+        cfg = load_config(
+            train_base_fill.TrainConfig,
+            CONFIGS / "toy_base_fill.yaml",
+            {
+                "data_dir": str(data / "real"),
+                "vae": str(root / "vae"),
+                "text_encoders": str(root),
+                "output_dir": str(work / "base"),
+            },
+        )
         timed("base-fill", train_base_fill.main, cfg)
         shutil.copytree(work / "base" / "transformer", root / "transformer", dirs_exist_ok=True)
     phi = work / "model" / "phi"
     if not (phi / "config.json").is_file():
-        cfg = load_config(train_phi.TrainConfig, CONFIGS / "toy_phi.yaml",
-                          {"data_dir": str(data / "phi"), "vae": str(root / "vae"), "rgba_vae": str(rgba),
-                           "output_dir": str(work / "phi"), "phi_overrides": TOY_PHI})  # fmt: skip
+        cfg = load_config(
+            train_phi.TrainConfig,
+            CONFIGS / "toy_phi.yaml",
+            {
+                "data_dir": str(data / "phi"),
+                "vae": str(root / "vae"),
+                "rgba_vae": str(rgba),
+                "output_dir": str(work / "phi"),
+                "phi_overrides": TOY_PHI,
+            },
+        )
         result = timed("phi", train_phi.main, cfg)
         shutil.copytree(result.weights, phi, dirs_exist_ok=True)
     return {"data": data, "flux_fill": root, "rgba_vae": rgba, "phi": phi}
@@ -109,24 +127,39 @@ def train_variant(work: Path, paths: dict[str, Path], name: str, s1: dict | None
     final = out / "bfs.safetensors"
     if final.is_file():
         return final
-    common = {"flux_fill": str(paths["flux_fill"]), "rgba_vae": str(paths["rgba_vae"]), "phi": str(paths["phi"]),
-              "bfs_overrides": TOY_BFS, "text_cache_dir": str(work / "text_cache")}  # fmt: skip
+    common = {
+        "flux_fill": str(paths["flux_fill"]),
+        "rgba_vae": str(paths["rgba_vae"]),
+        "phi": str(paths["phi"]),
+        "bfs_overrides": TOY_BFS,
+        "text_cache_dir": str(work / "text_cache"),
+    }
     base1 = load_config(train_stage1.TrainConfig, CONFIGS / "toy_stage1.yaml")
     base2 = load_config(train_stage2.TrainConfig, CONFIGS / "toy_stage2.yaml")
     total = base1.max_steps + base2.max_steps
     weights = None
     if s1 is not None:
         over = {k: (total if v == "total" else v) for k, v in s1.items()}
-        cfg = load_config(train_stage1.TrainConfig, CONFIGS / "toy_stage1.yaml",
-                          {**common, "data_dir": str(paths["data"] / "triplets"), "output_dir": str(out / "stage1"),
-                           **over})  # fmt: skip
+        cfg = load_config(
+            train_stage1.TrainConfig,
+            CONFIGS / "toy_stage1.yaml",
+            {**common, "data_dir": str(paths["data"] / "triplets"), "output_dir": str(out / "stage1"), **over},
+        )
         weights = timed(f"{name} stage1", train_stage1.main, cfg).weights
     if s2 is not None:
         over = {k: (total if v == "total" else v) for k, v in s2.items()}
-        cfg = load_config(train_stage2.TrainConfig, CONFIGS / "toy_stage2.yaml",
-                          {**common, "pairs_dir": str(paths["data"] / "pairs"),
-                           "triplets_dir": str(paths["data"] / "triplets"), "output_dir": str(out / "stage2"),
-                           "init_bfs": str(weights) if weights else None, **over})  # fmt: skip
+        cfg = load_config(
+            train_stage2.TrainConfig,
+            CONFIGS / "toy_stage2.yaml",
+            {
+                **common,
+                "pairs_dir": str(paths["data"] / "pairs"),
+                "triplets_dir": str(paths["data"] / "triplets"),
+                "output_dir": str(out / "stage2"),
+                "init_bfs": str(weights) if weights else None,
+                **over,
+            },
+        )
         weights = timed(f"{name} stage2", train_stage2.main, cfg).weights
     shutil.copy(weights, final)
     return final

@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def bfs(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "bfs_core", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "bfs_core", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -31,8 +32,19 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_make_tiny_writes_every_format(tiny):
-    expected = {"diffusers", "bfl_bf16", "bfl_fp8", "bfl_fp8_scaled", "bfl_fp8_comfy_quant", "bfl_non_fill", "vae",
-                "text_encoders", "bfs_official_pt", "bfs_release", "bfs_paper"}  # fmt: skip
+    expected = {
+        "diffusers",
+        "bfl_bf16",
+        "bfl_fp8",
+        "bfl_fp8_scaled",
+        "bfl_fp8_comfy_quant",
+        "bfl_non_fill",
+        "vae",
+        "text_encoders",
+        "bfs_official_pt",
+        "bfs_release",
+        "bfs_paper",
+    }
     assert expected <= set(tiny)
     assert all(path.exists() for path in tiny.values())
     official = torch.load(tiny["bfs_official_pt"], weights_only=True)
@@ -45,11 +57,31 @@ def test_convert_then_generate_end_to_end(tiny, tmp_path):
     from PIL import Image
 
     Image.new("RGB", (96, 80), (100, 150, 200)).save(tmp_path / "bg.png")
-    out = bfs("generate", "--base", str(tiny["bfl_fp8_scaled"]), "--vae", str(tiny["vae"]), "--text-encoders",
-              str(tiny["text_encoders"]), "--bfs", str(converted), "--background", str(tmp_path / "bg.png"),
-              "--box", "10,20,60,70", "--prompt", "a red cube", "--steps", "2", "--dtype", "fp32", "--rgba-vae",
-              str(tiny["rgba_bfs_release_folder"]), "--out",
-              str(tmp_path / "out"))  # fmt: skip
+    out = bfs(
+        "generate",
+        "--base",
+        str(tiny["bfl_fp8_scaled"]),
+        "--vae",
+        str(tiny["vae"]),
+        "--text-encoders",
+        str(tiny["text_encoders"]),
+        "--bfs",
+        str(converted),
+        "--background",
+        str(tmp_path / "bg.png"),
+        "--box",
+        "10,20,60,70",
+        "--prompt",
+        "a red cube",
+        "--steps",
+        "2",
+        "--dtype",
+        "fp32",
+        "--rgba-vae",
+        str(tiny["rgba_bfs_release_folder"]),
+        "--out",
+        str(tmp_path / "out"),
+    )
     written = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
     assert Image.open(written["composite"]).size == (96, 80)
     foreground = Image.open(written["foreground"])
@@ -59,8 +91,16 @@ def test_convert_then_generate_end_to_end(tiny, tmp_path):
 
 
 def test_step_flops_matches_a_hand_count():
-    cfg = dict(CPU_BENCH_CONFIG, num_layers=1, num_single_layers=1, num_attention_heads=1, attention_head_dim=4,
-               in_channels=8, joint_attention_dim=2, out_channels=3)  # fmt: skip
+    cfg = dict(
+        CPU_BENCH_CONFIG,
+        num_layers=1,
+        num_single_layers=1,
+        num_attention_heads=1,
+        attention_head_dim=4,
+        in_channels=8,
+        joint_attention_dim=2,
+        out_channels=3,
+    )
     shape = BenchShape(text_tokens=2, latent_h=4, latent_w=2)  # 2 image tokens, S = 4, D = 4
     d, s, t, img = 4, 4, 2, 2
     embed = 2 * img * 8 * d + 2 * t * 2 * d + 2 * img * d * 3
@@ -105,8 +145,20 @@ def test_rgba_decode_honours_dtype(tiny, tmp_path, monkeypatch, fmt):
     z = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
     latent = save_latent_file(tmp_path / "z.safetensors", z)
     Image.new("RGB", (32, 32), (90, 120, 200)).save(tmp_path / "rgb.png")
-    argv = ["rgba-decode", "--vae", str(tiny[fmt]), "--latent", str(latent), "--rgb", str(tmp_path / "rgb.png"),
-            "--no-tta", "--out", str(tmp_path / "fg.png"), "--dtype", "bf16"]  # fmt: skip
+    argv = [
+        "rgba-decode",
+        "--vae",
+        str(tiny[fmt]),
+        "--latent",
+        str(latent),
+        "--rgb",
+        str(tmp_path / "rgb.png"),
+        "--no-tta",
+        "--out",
+        str(tmp_path / "fg.png"),
+        "--dtype",
+        "bf16",
+    ]
     assert main(argv) == 0
     decoder = built[0]
     net = decoder.vae if hasattr(decoder, "vae") else decoder
@@ -134,8 +186,17 @@ def test_rgba_decode_computes_in_the_requested_dtype(tiny, tmp_path, monkeypatch
     latent = save_latent_file(tmp_path / "z.safetensors", torch.zeros(1, 16, 4, 4))
     for dtype, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         seen.clear()
-        argv = ["rgba-decode", "--vae", str(tiny["rgba_bfs_release_folder"]), "--latent", str(latent), "--out",
-                str(tmp_path / f"fg_{dtype}.png"), "--dtype", dtype]  # fmt: skip
+        argv = [
+            "rgba-decode",
+            "--vae",
+            str(tiny["rgba_bfs_release_folder"]),
+            "--latent",
+            str(latent),
+            "--out",
+            str(tmp_path / f"fg_{dtype}.png"),
+            "--dtype",
+            dtype,
+        ]
         assert main(argv) == 0
         assert seen == [(expected, expected)], (dtype, seen)
     assert len(built) == 2
@@ -159,8 +220,13 @@ def test_decomposition_short_side_default_is_one_constant(tiny, tmp_path, monkey
     assert config["resolution"] == DEFAULT_SHORT_SIDE
     node_source = ast.parse((REPO / "nodes" / "decompose.py").read_text())
     calls = [c for c in ast.walk(node_source) if isinstance(c, ast.Call) and c.args]
-    node_defaults = [kw.value for c in calls if isinstance(c.args[0], ast.Constant) and c.args[0].value == "short_side"
-                     for kw in c.keywords if kw.arg == "default"]  # fmt: skip
+    node_defaults = [
+        kw.value
+        for c in calls
+        if isinstance(c.args[0], ast.Constant) and c.args[0].value == "short_side"
+        for kw in c.keywords
+        if kw.arg == "default"
+    ]
     assert len(node_defaults) == 1 and isinstance(node_defaults[0], ast.Name)
     assert node_defaults[0].id == "DEFAULT_SHORT_SIDE"
 
@@ -176,10 +242,27 @@ def test_decomposition_short_side_default_is_one_constant(tiny, tmp_path, monkey
     monkeypatch.setattr(DecompositionPipeline, "decompose", decompose)
     Image.new("RGB", (40, 32), (90, 120, 200)).save(tmp_path / "image.png")
     Image.new("L", (40, 32), 255).save(tmp_path / "mask.png")
-    argv = ["decompose", "--base", str(tiny["bfl_bf16"]), "--weights", str(tiny["decomposition"]), "--vae",
-            str(tiny["vae"]), "--rgba-vae", str(tiny["rgba_bfs_release_folder"]), "--text-encoders",
-            str(tiny["text_encoders"]), "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"),
-            "--dtype", "fp32", "--out", str(tmp_path / "out")]  # fmt: skip
+    argv = [
+        "decompose",
+        "--base",
+        str(tiny["bfl_bf16"]),
+        "--weights",
+        str(tiny["decomposition"]),
+        "--vae",
+        str(tiny["vae"]),
+        "--rgba-vae",
+        str(tiny["rgba_bfs_release_folder"]),
+        "--text-encoders",
+        str(tiny["text_encoders"]),
+        "--image",
+        str(tmp_path / "image.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+        "--dtype",
+        "fp32",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     with pytest.raises(Stop):
         main(argv)
     with pytest.raises(Stop):

@@ -39,9 +39,16 @@ def _sd_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         layers_per_block=1, norm_num_groups=4)  # fmt: skip
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
 
 
 class _Refused:  # any object besides tensors makes torch.load(weights_only=True) refuse the file
@@ -79,8 +86,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     # Broken weights files: truncated, random bytes, empty, an image renamed, a refused pickle.
     f["trunc_base"] = _truncate(f["bfl_bf16"], bad / "flux1-fill-truncated.safetensors")
     f["random_base"] = bad / "random.safetensors"
-    f["random_base"].write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
-                                               dtype=torch.uint8).numpy().tobytes())  # fmt: skip
+    f["random_base"].write_bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+    )
     f["empty_st"] = bad / "empty.safetensors"
     f["empty_st"].write_bytes(b"")
     f["png_st"] = bad / "picture.safetensors"
@@ -101,14 +109,17 @@ def files(tmp_path_factory) -> dict[str, Path]:
     # Broken folders: the Flux VAE and the text encoders with a truncated weights file inside.
     f["trunc_vae_dir"] = bad / "vae-truncated"
     shutil.copytree(f["vae"], f["trunc_vae_dir"])
-    _truncate(f["vae"] / "diffusion_pytorch_model.safetensors",
-              f["trunc_vae_dir"] / "diffusion_pytorch_model.safetensors")  # fmt: skip
+    _truncate(
+        f["vae"] / "diffusion_pytorch_model.safetensors", f["trunc_vae_dir"] / "diffusion_pytorch_model.safetensors"
+    )
     f["trunc_te_dir"] = bad / "text-encoders-truncated"
     f["trunc_te_dir"].mkdir()
     for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         shutil.copytree(f["text_encoders"] / sub, f["trunc_te_dir"] / sub)
-    _truncate(f["text_encoders"] / "text_encoder_2" / "model.safetensors",
-              f["trunc_te_dir"] / "text_encoder_2" / "model.safetensors")  # fmt: skip
+    _truncate(
+        f["text_encoders"] / "text_encoder_2" / "model.safetensors",
+        f["trunc_te_dir"] / "text_encoder_2" / "model.safetensors",
+    )
 
     # Files of the wrong model family: an SD1.5-style VAE (folder and single file).
     vae = _sd_vae()
@@ -121,9 +132,18 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def _generate(**over: str) -> str:
-    args = {"base": "{bfl_bf16}", "bfs": "{bfs_release}", "vae": "{vae}", "text-encoders": "{text_encoders}",
-            "background": "{bg}", "box": "10,20,60,70", "prompt": "'a red cube'", "steps": "1", "dtype": "fp32",
-            "out": "{out}"}  # fmt: skip
+    args = {
+        "base": "{bfl_bf16}",
+        "bfs": "{bfs_release}",
+        "vae": "{vae}",
+        "text-encoders": "{text_encoders}",
+        "background": "{bg}",
+        "box": "10,20,60,70",
+        "prompt": "'a red cube'",
+        "steps": "1",
+        "dtype": "fp32",
+        "out": "{out}",
+    }
     args.update({k.replace("_", "-"): v for k, v in over.items()})
     return "generate " + " ".join(f"--{k} {v}" for k, v in args.items() if v is not None)
 
@@ -135,9 +155,18 @@ def _rgba_decode(**over: str) -> str:
 
 
 def _decompose(**over: str) -> str:
-    args = {"base": "{bfl_bf16}", "weights": "{decomposition}", "vae": "{vae}",
-            "rgba-vae": "{rgba_bfs_release_folder}", "text-encoders": "{text_encoders}", "image": "{bg}",
-            "mask": "{layer}", "steps": "1", "dtype": "fp32", "out": "{out}"}  # fmt: skip
+    args = {
+        "base": "{bfl_bf16}",
+        "weights": "{decomposition}",
+        "vae": "{vae}",
+        "rgba-vae": "{rgba_bfs_release_folder}",
+        "text-encoders": "{text_encoders}",
+        "image": "{bg}",
+        "mask": "{layer}",
+        "steps": "1",
+        "dtype": "fp32",
+        "out": "{out}",
+    }
     args.update({k.replace("_", "-"): v for k, v in over.items()})
     return "decompose " + " ".join(f"--{k} {v}" for k, v in args.items() if v is not None)
 
@@ -155,8 +184,12 @@ CASES = [
     ("gen-box-letters", _generate(box="a,b,c,d"), "four integers", "--box"),
     ("gen-box-inverted", _generate(box="50,20,10,70"), "empty or inverted", "--box"),
     ("gen-box-outside", _generate(box="10,20,500,70"), "reaches outside the 96×80 image", "--box"),
-    ("gen-mask-wrong-size", _generate(box=None, mask="{small_png}"), "is 10×10 but the background is 96×80",
-     "{small_png}"),
+    (
+        "gen-mask-wrong-size",
+        _generate(box=None, mask="{small_png}"),
+        "is 10×10 but the background is 96×80",
+        "{small_png}",
+    ),
     ("gen-mask-empty", _generate(box=None, mask="{black_mask}"), "has no white pixel", "{black_mask}"),
     ("gen-mask-missing", _generate(box=None, mask="{missing}"), "does not exist", "{missing}"),
     ("gen-out-is-a-file", _generate(out="{bg}"), "is a file", "{bg}"),
@@ -164,8 +197,12 @@ CASES = [
     ("gen-out-under-a-file", _generate(out="{under_file}"), "is a file, not a folder", "{under_file}"),
     # generate: every model flag, with missing, truncated, corrupt and wrong-family files
     ("gen-base-missing", _generate(base="{missing}"), "does not exist", "{missing}"),
-    ("gen-base-truncated", _generate(base="{trunc_base}"), "not a complete safetensors file (incomplete metadata",
-     "{trunc_base}"),
+    (
+        "gen-base-truncated",
+        _generate(base="{trunc_base}"),
+        "not a complete safetensors file (incomplete metadata",
+        "{trunc_base}",
+    ),
     ("gen-base-random-bytes", _generate(base="{random_base}"), "not a complete safetensors file", "{random_base}"),
     ("gen-base-empty", _generate(base="{empty_st}"), "(the file is empty): re-download it", "{empty_st}"),
     ("gen-base-png-renamed", _generate(base="{png_st}"), "(it is a PNG image)", "{png_st}"),
@@ -178,11 +215,19 @@ CASES = [
     ("gen-bfs-decomposition-file", _generate(bfs="{decomposition}"), "is not a BFS weights file", "{decomposition}"),
     ("gen-vae-sd15", _generate(vae="{sd_vae_dir}"), "is an SD1.5/SDXL-style VAE", "{sd_vae_dir}"),
     ("gen-vae-rgba", _generate(vae="{rgba_bfs_release_folder}"), "is an RGBA VAE", "{rgba_bfs_release_folder}"),
-    ("gen-vae-truncated", _generate(vae="{trunc_vae_dir}"), "could not be read as a diffusers AutoencoderKL",
-     "{trunc_vae_dir}"),
+    (
+        "gen-vae-truncated",
+        _generate(vae="{trunc_vae_dir}"),
+        "could not be read as a diffusers AutoencoderKL",
+        "{trunc_vae_dir}",
+    ),
     ("gen-vae-a-file", _generate(vae="{sd_vae_st}"), "is a file", "{sd_vae_st}"),
-    ("gen-text-encoders-truncated", _generate(text_encoders="{trunc_te_dir}"), "could not be read as the T5-XXL",
-     "--text-encoders"),
+    (
+        "gen-text-encoders-truncated",
+        _generate(text_encoders="{trunc_te_dir}"),
+        "could not be read as the T5-XXL",
+        "--text-encoders",
+    ),
     ("gen-text-encoders-wrong-folder", _generate(text_encoders="{vae}"), "lacks", "--text-encoders"),
     ("gen-rgba-vae-truncated", _generate(rgba_vae="{trunc_rgba}"), "not a complete safetensors file", "{trunc_rgba}"),
     ("gen-rgba-vae-sd15-file", _generate(rgba_vae="{sd_vae_st}"), "is not an RGBA VAE", "{sd_vae_st}"),
@@ -193,18 +238,34 @@ CASES = [
     ("rgba-vae-truncated", _rgba_decode(vae="{trunc_rgba}"), "not a complete safetensors file", "{trunc_rgba}"),
     ("rgba-vae-truncated-pth", _rgba_decode(vae="{trunc_pth}"), "not a readable PyTorch weights file", "{trunc_pth}"),
     ("rgba-vae-png-renamed", _rgba_decode(vae="{png_st}"), "(it is a PNG image)", "{png_st}"),
-    ("rgba-vae-bfs-file", _rgba_decode(vae="{bfs_release}"), "neither a BFS release transparency VAE",
-     "{bfs_release}"),
+    (
+        "rgba-vae-bfs-file",
+        _rgba_decode(vae="{bfs_release}"),
+        "neither a BFS release transparency VAE",
+        "{bfs_release}",
+    ),
     ("rgba-latent-missing", _rgba_decode(latent="{missing}"), "must be an existing .safetensors file", "{missing}"),
-    ("rgba-latent-truncated", _rgba_decode(latent="{trunc_latent}"), "not a complete safetensors file",
-     "{trunc_latent}"),
+    (
+        "rgba-latent-truncated",
+        _rgba_decode(latent="{trunc_latent}"),
+        "not a complete safetensors file",
+        "{trunc_latent}",
+    ),
     ("rgba-latent-is-weights", _rgba_decode(latent="{bfs_release}"), "`--latent` file", "{bfs_release}"),
     ("rgba-out-is-a-folder", _rgba_decode(out="{folder}"), "is a folder", "{folder}"),
     ("rgba-out-wrong-suffix", _rgba_decode(out="{out}/fg.jpg"), "must end in .png", "--out"),
-    ("rgba-flux-vae-sd15", _rgba_decode(vae="{rgba_layerdiffuse_safetensors}", flux_vae="{sd_vae_dir}"),
-     "is an SD1.5/SDXL-style VAE", "{sd_vae_dir}"),
-    ("rgba-layerdiffuse-without-rgb", _rgba_decode(vae="{rgba_layerdiffuse_safetensors}"), "pass --rgb",
-     "{rgba_layerdiffuse_safetensors}"),
+    (
+        "rgba-flux-vae-sd15",
+        _rgba_decode(vae="{rgba_layerdiffuse_safetensors}", flux_vae="{sd_vae_dir}"),
+        "is an SD1.5/SDXL-style VAE",
+        "{sd_vae_dir}",
+    ),
+    (
+        "rgba-layerdiffuse-without-rgb",
+        _rgba_decode(vae="{rgba_layerdiffuse_safetensors}"),
+        "pass --rgb",
+        "{rgba_layerdiffuse_safetensors}",
+    ),
     # convert
     ("convert-refused-pickle", "convert {pickle_pt} {out}/bfs.safetensors", "refuses to load", "{pickle_pt}"),
     ("convert-truncated-pt", "convert {trunc_pt} {out}/bfs.safetensors", "not a readable PyTorch", "{trunc_pt}"),
@@ -212,10 +273,18 @@ CASES = [
     ("convert-wrong-output-suffix", "convert {bfs_official_pt} {out}/bfs.pt", "must end in .safetensors", "output"),
     ("convert-output-in-proc", "convert {bfs_official_pt} /proc/bfs.safetensors", "inside /proc", "/proc/bfs"),
     # convert-rgba-vae
-    ("convert-rgba-refused-pickle", "convert-rgba-vae {pickle_pt} --out {out}/t.safetensors", "refuses to load",
-     "{pickle_pt}"),
-    ("convert-rgba-truncated", "convert-rgba-vae {trunc_pth} --out {out}/t.safetensors", "not a readable PyTorch",
-     "{trunc_pth}"),
+    (
+        "convert-rgba-refused-pickle",
+        "convert-rgba-vae {pickle_pt} --out {out}/t.safetensors",
+        "refuses to load",
+        "{pickle_pt}",
+    ),
+    (
+        "convert-rgba-truncated",
+        "convert-rgba-vae {trunc_pth} --out {out}/t.safetensors",
+        "not a readable PyTorch",
+        "{trunc_pth}",
+    ),
     # save-layers
     ("save-layers-missing-layer", "save-layers {bg} {missing} --out {out}/s.psd", "does not exist", "{missing}"),
     ("save-layers-text-layer", "save-layers {bg} {text_png} --out {out}/s.psd", "is not an image", "{text_png}"),
@@ -230,10 +299,18 @@ CASES = [
     ("make-tiny-into-a-file", "make-tiny {bg}", "is a file", "{bg}"),
     # decompose
     ("decompose-cache-threshold-nan", _decompose(cache_threshold="nan"), "a number >= 0", "--cache-threshold"),
-    ("decompose-weights-truncated", _decompose(weights="{trunc_decomp}"), "not a complete safetensors file",
-     "{trunc_decomp}"),
-    ("decompose-weights-bfs-file", _decompose(weights="{bfs_release}"), "is not a decomposition weights file",
-     "{bfs_release}"),
+    (
+        "decompose-weights-truncated",
+        _decompose(weights="{trunc_decomp}"),
+        "not a complete safetensors file",
+        "{trunc_decomp}",
+    ),
+    (
+        "decompose-weights-bfs-file",
+        _decompose(weights="{bfs_release}"),
+        "is not a decomposition weights file",
+        "{bfs_release}",
+    ),
     ("decompose-rgba-vae-sd15", _decompose(rgba_vae="{sd_vae_dir}"), "is not an RGBA VAE", "{sd_vae_dir}"),
     ("decompose-mask-wrong-size", _decompose(mask="{small_png}"), "is 10×10 but the image is 96×80", "{small_png}"),
     ("decompose-image-not-image", _decompose(image="{text_png}"), "is not an image", "{text_png}"),
@@ -273,8 +350,9 @@ def test_bad_input_gets_one_line_and_exit_code_2(files, tmp_path, capsys, comman
 
 
 def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bfs_core", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, **kwargs)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "bfs_core", *argv], cwd=REPO, capture_output=True, text=True, timeout=300, **kwargs
+    )
 
 
 @pytest.mark.parametrize("case", ["gen-vae-sd15", "convert-refused-pickle"])
@@ -312,8 +390,11 @@ def read_only_dir(tmp_path):
         subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
-@pytest.mark.parametrize("command", ["save-layers {bg} {layer} --out {ro}/scene.psd", _generate(out="{ro}/results")],
-                         ids=["save-layers", "generate"])  # fmt: skip
+@pytest.mark.parametrize(
+    "command",
+    ["save-layers {bg} {layer} --out {ro}/scene.psd", _generate(out="{ro}/results")],
+    ids=["save-layers", "generate"],
+)
 def test_unwritable_out_is_found_before_any_model_loads(files, read_only_dir, monkeypatch, capsys, command):
     import bfs_core.pipelines.loading
 

@@ -32,8 +32,9 @@ def test_case_set_layers_are_consistent(tmp_path):
         assert c.mask.sum() > 20
         if i % 2 == 0:  # no occluder: the composite is the object over the background (8-bit rounding)
             fg = c.foreground
-            torch.testing.assert_close(alpha_blend(fg[:, :3], fg[:, 3:], c.background), c.composite, atol=2 / 255,
-                                       rtol=0)  # fmt: skip
+            torch.testing.assert_close(
+                alpha_blend(fg[:, :3], fg[:, 3:], c.background), c.composite, atol=2 / 255, rtol=0
+            )
         else:  # occluded: the object layer is complete, more than its visible mask
             assert (c.foreground[:, 3:] > 0.5).sum() > c.mask.sum()
 
@@ -49,10 +50,27 @@ def tiny(tmp_path_factory):
 
 
 def test_evaluate_decomposition_prints_the_table(tiny, tmp_path, capsys):
-    args = ["evaluate-decomposition", "--cases", str(tmp_path / "cases"), "--build-cases", str(ASSETS),
-            "--num-cases", "4", "--base", str(tiny["diffusers"]), "--weights", str(tiny["decomposition"]),
-            "--rgba-vae", str(tiny["rgba_bfs_release_folder"]), "--steps", "2", "--dtype", "fp32",
-            "--out", str(tmp_path / "eval")]  # fmt: skip
+    args = [
+        "evaluate-decomposition",
+        "--cases",
+        str(tmp_path / "cases"),
+        "--build-cases",
+        str(ASSETS),
+        "--num-cases",
+        "4",
+        "--base",
+        str(tiny["diffusers"]),
+        "--weights",
+        str(tiny["decomposition"]),
+        "--rgba-vae",
+        str(tiny["rgba_bfs_release_folder"]),
+        "--steps",
+        "2",
+        "--dtype",
+        "fp32",
+        "--out",
+        str(tmp_path / "eval"),
+    ]
     assert cli(args) == 0
     table = capsys.readouterr().out
     print(table)
@@ -67,10 +85,29 @@ def test_evaluate_decomposition_prints_the_table(tiny, tmp_path, capsys):
 def test_decompose_command_writes_layers(tiny, tmp_path):
     cases = build_case_set(ASSETS, tmp_path / "cases", count=1, size=64)
     case = cases / "case000"
-    args = ["decompose", "--base", str(tiny["bfl_bf16"]), "--vae", str(tiny["vae"]), "--text-encoders",
-            str(tiny["text_encoders"]), "--weights", str(tiny["decomposition"]), "--rgba-vae",
-            str(tiny["rgba_layerdiffuse_safetensors"]), "--image", str(case / "composite.png"), "--mask",
-            str(case / "mask.png"), "--out", str(tmp_path / "out"), "--steps", "2", "--dtype", "fp32"]  # fmt: skip
+    args = [
+        "decompose",
+        "--base",
+        str(tiny["bfl_bf16"]),
+        "--vae",
+        str(tiny["vae"]),
+        "--text-encoders",
+        str(tiny["text_encoders"]),
+        "--weights",
+        str(tiny["decomposition"]),
+        "--rgba-vae",
+        str(tiny["rgba_layerdiffuse_safetensors"]),
+        "--image",
+        str(case / "composite.png"),
+        "--mask",
+        str(case / "mask.png"),
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "2",
+        "--dtype",
+        "fp32",
+    ]
     assert cli(args) == 0
     from PIL import Image
 

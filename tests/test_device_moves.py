@@ -123,10 +123,15 @@ def _run_decomposition(model, device, dtype):
         fused = model.fuse(tokens, query, ids)
         condition = torch.cat([contexts, fused.to(dtype)], -1)
         v_bg, v_fg = model(
-            _randn(1, length, 64, gen=gen).to(device, dtype), _randn(1, length, 64, gen=gen).to(device, dtype),
-            condition, _randn(1, 6, cfg.joint_attention_dim, gen=gen).to(device, dtype),
-            _randn(1, cfg.pooled_projection_dim, gen=gen).to(device, dtype), 0.6, 0.6, ids,
-        )  # fmt: skip
+            _randn(1, length, 64, gen=gen).to(device, dtype),
+            _randn(1, length, 64, gen=gen).to(device, dtype),
+            condition,
+            _randn(1, 6, cfg.joint_attention_dim, gen=gen).to(device, dtype),
+            _randn(1, cfg.pooled_projection_dim, gen=gen).to(device, dtype),
+            0.6,
+            0.6,
+            ids,
+        )
     return fused, v_bg, v_fg
 
 
@@ -318,11 +323,18 @@ def _plain_fill_bf16_error(tiny_key: str) -> float:
             transformer = load_flux_fill_transformer(TINY[tiny_key], torch_dtype=dtype, device="cpu")
             x = _to(_bfs_inputs(transformer), None, dtype)
             with torch.no_grad():
-                outs.append(run_two_branches(
-                    transformer, torch.cat([x["comp_latents"], x["fill_cond"]], -1),
-                    torch.cat([x["fg_latents"], x["fill_cond"]], -1), x["prompt_embeds"], x["pooled"],
-                    x["timestep_comp"], x["timestep_fg"], x["img_ids"],
-                ))  # fmt: skip
+                outs.append(
+                    run_two_branches(
+                        transformer,
+                        torch.cat([x["comp_latents"], x["fill_cond"]], -1),
+                        torch.cat([x["fg_latents"], x["fill_cond"]], -1),
+                        x["prompt_embeds"],
+                        x["pooled"],
+                        x["timestep_comp"],
+                        x["timestep_fg"],
+                        x["img_ids"],
+                    )
+                )
         _BASE_ERRORS[tiny_key] = max(_rel_err(a, b) for a, b in zip(outs[1], outs[0]))
     return _BASE_ERRORS[tiny_key]
 

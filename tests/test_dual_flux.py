@@ -286,8 +286,10 @@ def test_fp8_weight_storage_stays_close_to_bf16():
     model = DualBranchFlux(transformer, DualBranchConfig.paper())
     randomize_bfs_parameters(transformer, std=0.05)
     prepare_for_inference(transformer)
-    inputs = {k: v.to(torch.bfloat16) if k not in ("timestep_comp", "timestep_fg") else v
-              for k, v in dual_inputs(n=1).items()}  # fmt: skip
+    inputs = {
+        k: v.to(torch.bfloat16) if k not in ("timestep_comp", "timestep_fg") else v
+        for k, v in dual_inputs(n=1).items()
+    }
     reference = run(model, inputs)
     store_weights_in_fp8(transformer)
     dtypes = {name: p.dtype for name, p in transformer.named_parameters()}

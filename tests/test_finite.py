@@ -35,8 +35,9 @@ def test_check_finite_counts_and_names():
 def toy():
     pipe, rgba = load_toy()
     embeds, pooled = pipe.text_encoders.encode(["a red cube"], max_sequence_length=MAX_SEQUENCE_LENGTH)
-    return SimpleNamespace(pipe=pipe, rgba=rgba, embeds=embeds, pooled=pooled, bg=background_image(3),
-                           mask=_mask([14, 34, 30, 50]))  # fmt: skip
+    return SimpleNamespace(
+        pipe=pipe, rgba=rgba, embeds=embeds, pooled=pooled, bg=background_image(3), mask=_mask([14, 34, 30, 50])
+    )
 
 
 def _poisoned(x: torch.Tensor, value: float = float("nan")) -> torch.Tensor:
@@ -53,8 +54,9 @@ def test_generate_refuses_non_finite_inputs_by_name(toy, name):
     handle = toy.pipe.model.register_forward_hook(lambda *a: calls.append(1))
     try:
         with pytest.raises(NonFiniteInputError, match=f"`{name}`"):
-            toy.pipe.generate(args["background"], args["mask"], args["prompt_embeds"], args["pooled"], steps=2,
-                              short_side=0)  # fmt: skip
+            toy.pipe.generate(
+                args["background"], args["mask"], args["prompt_embeds"], args["pooled"], steps=2, short_side=0
+            )
     finally:
         handle.remove()
     assert calls == []  # refused before the model ran
@@ -76,12 +78,25 @@ def test_rgba_decode_refuses_a_non_finite_latent(toy):
 def test_decompose_refuses_non_finite_inputs_by_name(name):
     pipe = DecompositionPipeline(SimpleNamespace(has_foreground=False), None, None, {})
     image, mask = torch.rand(1, 3, 32, 32), torch.ones(1, 1, 32, 32)
-    args = {"image": image, "mask": mask, "edge": image.clone(), "depth": image.clone(),
-            "prompt_embeds": torch.zeros(1, 4, 8), "pooled": torch.zeros(1, 8)}  # fmt: skip
+    args = {
+        "image": image,
+        "mask": mask,
+        "edge": image.clone(),
+        "depth": image.clone(),
+        "prompt_embeds": torch.zeros(1, 4, 8),
+        "pooled": torch.zeros(1, 8),
+    }
     args[name] = _poisoned(args[name])
     with pytest.raises(NonFiniteInputError, match=f"`{name}`"):
-        pipe.decompose(args["image"], args["mask"], args["prompt_embeds"], args["pooled"], edge=args["edge"],
-                       depth=args["depth"], steps=1)  # fmt: skip
+        pipe.decompose(
+            args["image"],
+            args["mask"],
+            args["prompt_embeds"],
+            args["pooled"],
+            edge=args["edge"],
+            depth=args["depth"],
+            steps=1,
+        )
 
 
 def _poison_at(model, call: int, branch: str):

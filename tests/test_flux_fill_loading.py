@@ -111,7 +111,6 @@ class TestKeyMapping:
         with pytest.raises(ValueError, match=r"my_file\.safetensors.*1 key\(s\).*lora_up"):
             bfl_to_diffusers(bfl, source="my_file.safetensors")
 
-
     def test_bfl_to_diffusers_equals_diffusers_own_converter(self, reference):
         """Checked against diffusers' `convert_flux_transformer_checkpoint_to_diffusers`, not only against itself.
 
@@ -122,8 +121,12 @@ class TestKeyMapping:
         from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
         hidden = 3072
-        rows = {"img_in.weight": hidden, "img_in.bias": hidden, "final_layer.adaLN_modulation.1.weight": 2 * hidden,
-                "final_layer.adaLN_modulation.1.bias": 2 * hidden}  # fmt: skip
+        rows = {
+            "img_in.weight": hidden,
+            "img_in.bias": hidden,
+            "final_layer.adaLN_modulation.1.weight": 2 * hidden,
+            "final_layer.adaLN_modulation.1.bias": 2 * hidden,
+        }
         gen = torch.Generator().manual_seed(0)
         bfl = {}
         for key, tensor in diffusers_to_bfl(reference.state_dict()).items():

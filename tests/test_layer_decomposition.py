@@ -30,9 +30,16 @@ from bfs_core.tiny import make_tiny_flux, tiny_release_vae
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = DecompositionConfig(lora_rank=4, joint_rank=4, fusion_dim=32, fusion_latents=8, fusion_heads=2)
-SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
-             "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-             "max_image_seq_len": 4096}  # fmt: skip
+SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
 
 
 def _randomize(model, seed=3, std=0.05):
@@ -99,8 +106,9 @@ class TestInitialModelIsFluxFill:
         text = (torch.randn(1, 6, 32, generator=gen), torch.randn(1, 32, generator=gen))
         common = dict(steps=2, short_side=0, seed=1)
         ours = DecompositionPipeline(model, codec, rgba, SCHEDULER).decompose(image, mask, *text, **common)
-        ref = DecompositionPipeline(FluxFillBaseline(plain), codec, None, SCHEDULER).decompose(image, mask, *text,
-                                                                                              **common)  # fmt: skip
+        ref = DecompositionPipeline(FluxFillBaseline(plain), codec, None, SCHEDULER).decompose(
+            image, mask, *text, **common
+        )
         torch.testing.assert_close(ours.bg_latent, ref.bg_latent, atol=1e-5, rtol=0)
         assert ref.foreground is None and ours.foreground.shape == (1, 4, 64, 64)
         outside = (torch.nn.functional.max_pool2d(mask, 5, 1, 2) == 0).expand(-1, 3, -1, -1)
@@ -158,8 +166,9 @@ class TestSaveLoad:
             for a, b in zip(model(**x), loaded(**x)):
                 torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
             tokens = {"edge": torch.randn(2, 16, 64), "depth": torch.randn(2, 16, 64)}
-            assert torch.equal(model.fuse(tokens, x["bg_latents"], x["img_ids"]),
-                               loaded.fuse(tokens, x["bg_latents"], x["img_ids"]))  # fmt: skip
+            assert torch.equal(
+                model.fuse(tokens, x["bg_latents"], x["img_ids"]), loaded.fuse(tokens, x["bg_latents"], x["img_ids"])
+            )
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
@@ -240,13 +249,17 @@ class TestFusion:
             rows.append((n_tok, min(times), mem.peak, t_full, flops.get_total_flops(), full_flops.get_total_flops()))
         print("\nfusion linearity (3 modalities, d=64, K=16):")
         for n_tok, t, m, tf, _, _ in rows:
-            print(f"  tokens/map {n_tok:6d}: {t * 1e3:8.2f} ms, peak live {m / 2**20:7.2f} MiB | full attention "
-                  f"{tf * 1e3:8.2f} ms")  # fmt: skip
+            print(
+                f"  tokens/map {n_tok:6d}: {t * 1e3:8.2f} ms, peak live {m / 2**20:7.2f} MiB | full attention "
+                f"{tf * 1e3:8.2f} ms"
+            )
         token_ratio = rows[-1][0] / rows[0][0]
         time_ratio, mem_ratio = rows[-1][1] / rows[0][1], rows[-1][2] / rows[0][2]
         full_ratio = rows[-1][3] / rows[0][3]
-        print(f"  ×{token_ratio:.0f} tokens -> time ×{time_ratio:.2f}, memory ×{mem_ratio:.2f} "
-              f"(quadratic full attention: time ×{full_ratio:.1f})")  # fmt: skip
+        print(
+            f"  ×{token_ratio:.0f} tokens -> time ×{time_ratio:.2f}, memory ×{mem_ratio:.2f} "
+            f"(quadratic full attention: time ×{full_ratio:.1f})"
+        )
         flop_ratio, full_flop_ratio = rows[-1][4] / rows[0][4], rows[-1][5] / rows[0][5]
         print(f"  FLOPs ×{flop_ratio:.2f} (quadratic full attention: FLOPs ×{full_flop_ratio:.1f})")
         # Time is printed, not asserted (a loaded machine makes it noisy); FLOPs and live memory are exact.
@@ -282,9 +295,19 @@ class _Anything:
 
 
 def _comfy_stubs(models: dict[str, Path]) -> dict[str, types.ModuleType]:
-    mods = {name: types.ModuleType(name) for name in
-            ("comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils", "folder_paths", "comfy_api",
-             "comfy_api.latest", "server")}  # fmt: skip
+    mods = {
+        name: types.ModuleType(name)
+        for name in (
+            "comfy",
+            "comfy.model_management",
+            "comfy.model_patcher",
+            "comfy.utils",
+            "folder_paths",
+            "comfy_api",
+            "comfy_api.latest",
+            "server",
+        )
+    }
     mods["server"].PromptServer = type("PromptServer", (), {"instance": None})  # no UI to send progress text to
     mm = mods["comfy.model_management"]
     mm.get_torch_device = mm.unet_offload_device = mm.intermediate_device = lambda: torch.device("cpu")
@@ -325,8 +348,9 @@ def _comfy_stubs(models: dict[str, Path]) -> dict[str, types.ModuleType]:
 
     latest = mods["comfy_api.latest"]
     kinds = ("Combo", "Image", "Mask", "Conditioning", "Vae", "Int", "Float", "Latent", "String", "Model")
-    latest.io = types.SimpleNamespace(ComfyNode=object, NodeOutput=NodeOutput, Schema=_Anything, Custom=_Anything,
-                                      **{n: _Anything() for n in kinds})  # fmt: skip
+    latest.io = types.SimpleNamespace(
+        ComfyNode=object, NodeOutput=NodeOutput, Schema=_Anything, Custom=_Anything, **{n: _Anything() for n in kinds}
+    )
     latest.ComfyExtension = object
     return mods
 
@@ -362,8 +386,9 @@ def test_nodes_load_and_decompose_end_to_end(tmp_path, monkeypatch, codecs):
         mask[:, 20:50, 30:60] = 1
         cond = [[torch.zeros(1, 6, 32), {"pooled_output": torch.zeros(1, 32)}]]
         with torch.no_grad():
-            fg, alpha, bg = node_mod.DecomposeLayers.execute(loaded, image, mask, cond, ComfyLikeVAE(), codecs[1],
-                                                             0, 2, 30.0, 64).values  # fmt: skip
+            fg, alpha, bg = node_mod.DecomposeLayers.execute(
+                loaded, image, mask, cond, ComfyLikeVAE(), codecs[1], 0, 2, 30.0, 64
+            ).values
         assert fg.shape == (1, 70, 90, 4) and alpha.shape == (1, 70, 90) and bg.shape == (1, 70, 90, 3)
         assert torch.equal(alpha, fg[..., 3])
         assert torch.equal(bg[:, :10, :10], image[:, :10, :10])  # native-resolution paste-back outside the mask
@@ -392,19 +417,45 @@ def estimator_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("estimators")
     torch.manual_seed(0)
-    backbone = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                            patch_size=14, image_size=28, out_features=["stage1", "stage2"],
-                            reshape_hidden_states=False)  # fmt: skip
-    depth = DepthAnythingForDepthEstimation(DepthAnythingConfig(
-        backbone_config=backbone, reassemble_hidden_size=16, patch_size=14, neck_hidden_sizes=[8, 16],
-        fusion_hidden_size=8, head_hidden_size=8, reassemble_factors=[1, 0.5]))  # fmt: skip
+    backbone = Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        patch_size=14,
+        image_size=28,
+        out_features=["stage1", "stage2"],
+        reshape_hidden_states=False,
+    )
+    depth = DepthAnythingForDepthEstimation(
+        DepthAnythingConfig(
+            backbone_config=backbone,
+            reassemble_hidden_size=16,
+            patch_size=14,
+            neck_hidden_sizes=[8, 16],
+            fusion_hidden_size=8,
+            head_hidden_size=8,
+            reassemble_factors=[1, 0.5],
+        )
+    )
     depth.save_pretrained(root / "depth")
     DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False, do_pad=False).save_pretrained(
         root / "depth"
     )
-    seg = SegformerForSemanticSegmentation(SegformerConfig(
-        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
-        patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=5))  # fmt: skip
+    seg = SegformerForSemanticSegmentation(
+        SegformerConfig(
+            num_encoder_blocks=2,
+            depths=[1, 1],
+            sr_ratios=[2, 1],
+            hidden_sizes=[8, 16],
+            num_attention_heads=[1, 2],
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            mlp_ratios=[2, 2],
+            decoder_hidden_size=16,
+            num_labels=5,
+        )
+    )
     seg.save_pretrained(root / "seg")
     SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "seg")
     return {"depth": root / "depth", "segmentation": root / "seg"}
@@ -426,8 +477,10 @@ def test_estimators_load_once_and_match_a_direct_transformers_run(kind, estimato
 
     from bfs_core import conditioning
 
-    auto = {"depth": transformers.AutoModelForDepthEstimation,
-            "segmentation": transformers.AutoModelForSemanticSegmentation}[kind]  # fmt: skip
+    auto = {
+        "depth": transformers.AutoModelForDepthEstimation,
+        "segmentation": transformers.AutoModelForSemanticSegmentation,
+    }[kind]
     estimate = {"depth": conditioning.estimate_depth, "segmentation": conditioning.estimate_segmentation}[kind]
     folder = estimator_dirs[kind]
     loads, original = [], auto.from_pretrained
@@ -449,8 +502,9 @@ def test_estimators_load_once_and_match_a_direct_transformers_run(kind, estimato
         out = model(**processor(images=list(images), return_tensors="pt", do_rescale=False))
     if kind == "depth":
         d = torch.nn.functional.interpolate(out.predicted_depth[:, None], size=(40, 48), mode="bilinear")
-        d = (d - d.amin(dim=(1, 2, 3), keepdim=True)) / (d.amax(dim=(1, 2, 3), keepdim=True)
-                                                         - d.amin(dim=(1, 2, 3), keepdim=True)).clamp_min(1e-6)
+        d = (d - d.amin(dim=(1, 2, 3), keepdim=True)) / (
+            d.amax(dim=(1, 2, 3), keepdim=True) - d.amin(dim=(1, 2, 3), keepdim=True)
+        ).clamp_min(1e-6)
         torch.testing.assert_close(first, d.expand(-1, 3, -1, -1), atol=1e-6, rtol=0)
     else:
         labels = torch.nn.functional.interpolate(out.logits, size=(40, 48), mode="bilinear").argmax(dim=1)

@@ -156,8 +156,11 @@ def _import_nodes_common(monkeypatch):
     try:
         return importlib.import_module("bfs_region_pack_under_test.nodes.common")
     finally:
-        for name in [m for m in sys.modules if m.startswith("bfs_region_pack_under_test.")
-                     and m != "bfs_region_pack_under_test.nodes"]:
+        for name in [
+            m
+            for m in sys.modules
+            if m.startswith("bfs_region_pack_under_test.") and m != "bfs_region_pack_under_test.nodes"
+        ]:
             sys.modules.pop(name, None)
 
 

@@ -59,7 +59,8 @@ def test_install_lines_use_an_existing_requirements_file_and_a_real_python():
     section = _section("Install into an existing ComfyUI")
     assert "ComfyUI/python -m pip" not in section  # the old line that could not run
     lines = [line for line in section.splitlines() if "pip install -r" in line]
-    assert any(line.startswith("../venv/bin/python -m pip install -r comfyui-bfs-layers/requirements.txt")
-               for line in lines), lines  # fmt: skip
+    assert any(
+        line.startswith("../venv/bin/python -m pip install -r comfyui-bfs-layers/requirements.txt") for line in lines
+    ), lines
     assert any(line.startswith("python_embeded\\python.exe -s -m pip install -r ") for line in lines), lines
     assert (REPO / "requirements.txt").is_file()

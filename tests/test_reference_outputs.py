@@ -24,10 +24,18 @@ ASSET = Path(__file__).parent / "assets" / "reference_outputs.safetensors"
 TOLERANCE = 2e-5  # max |Δ| relative to the output's max |value|, fp32
 
 TINY_FLUX = dict(
-    patch_size=1, in_channels=384, out_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
-    num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+    patch_size=1,
+    in_channels=384,
+    out_channels=64,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=4,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
     axes_dims_rope=(4, 6, 6),
-)  # fmt: skip
+)
 
 
 def _fill(module_or_tensors, seed: int, std: float = 0.05):
@@ -57,10 +65,15 @@ def _inputs(seed: int) -> dict[str, torch.Tensor]:
         return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
 
     return dict(
-        comp_latents=r(1, 16, 64), fg_latents=r(1, 16, 64), fill_cond=r(1, 16, 320), prompt_embeds=r(1, 5, 32),
-        pooled=r(1, 32), timestep_comp=torch.tensor([0.75]), timestep_fg=torch.tensor([0.5]),
+        comp_latents=r(1, 16, 64),
+        fg_latents=r(1, 16, 64),
+        fill_cond=r(1, 16, 320),
+        prompt_embeds=r(1, 5, 32),
+        pooled=r(1, 32),
+        timestep_comp=torch.tensor([0.75]),
+        timestep_fg=torch.tensor([0.5]),
         img_ids=latent_image_ids(8, 8),
-    )  # fmt: skip
+    )
 
 
 def _base():
@@ -81,8 +94,10 @@ def compute_outputs(tmp_dir: Path) -> dict[str, torch.Tensor]:
     torch.save(_official_state_dict(seed=2), pt)
     release = load_bfs(_base(), pt)
     paper = DualBranchFlux(_base(), DualBranchConfig.paper())
-    _fill(torch.nn.ParameterList([p for n, p in paper.transformer.named_parameters() if "lora" in n or "joint" in n]),
-          seed=3)  # fmt: skip
+    _fill(
+        torch.nn.ParameterList([p for n, p in paper.transformer.named_parameters() if "lora" in n or "joint" in n]),
+        seed=3,
+    )
     prepare_for_inference(paper.transformer)
     with torch.no_grad():
         for name, model in (("release", release), ("paper", paper)):

@@ -1,6 +1,5 @@
 """FLUX text encoders: tiny offline write -> load -> encode, following FluxPipeline's prompt encoding."""
 
-
 import pytest
 import torch
 

@@ -71,19 +71,54 @@ def test_bad_samples_are_reported_by_name_and_skipped(tmp_path, caplog):
     Image.new("RGB", (64, 64)).save(tmp_path / "opaque.png")
     (tmp_path / "broken.png").write_bytes(b"not a png")
     rows = [
-        {"name": "good", "foreground": "fg.png", "background": "bg.png", "composite": "bg.png", "box": [0, 0, 8, 8],
-         "caption": "a"},
-        {"name": "missing", "foreground": "nope.png", "background": "bg.png", "composite": "bg.png",
-         "box": [0, 0, 8, 8], "caption": "a"},
-        {"name": "no_alpha", "foreground": "opaque.png", "background": "bg.png", "composite": "bg.png",
-         "box": [0, 0, 8, 8], "caption": "a"},
-        {"name": "broken", "foreground": "fg.png", "background": "broken.png", "composite": "bg.png",
-         "box": [0, 0, 8, 8], "caption": "a"},
-        {"name": "bad_box", "foreground": "fg.png", "background": "bg.png", "composite": "bg.png",
-         "box": [0, 0, 80, 8], "caption": "a"},
-        {"name": "no_caption", "foreground": "fg.png", "background": "bg.png", "composite": "bg.png",
-         "box": [0, 0, 8, 8]},
-    ]  # fmt: skip
+        {
+            "name": "good",
+            "foreground": "fg.png",
+            "background": "bg.png",
+            "composite": "bg.png",
+            "box": [0, 0, 8, 8],
+            "caption": "a",
+        },
+        {
+            "name": "missing",
+            "foreground": "nope.png",
+            "background": "bg.png",
+            "composite": "bg.png",
+            "box": [0, 0, 8, 8],
+            "caption": "a",
+        },
+        {
+            "name": "no_alpha",
+            "foreground": "opaque.png",
+            "background": "bg.png",
+            "composite": "bg.png",
+            "box": [0, 0, 8, 8],
+            "caption": "a",
+        },
+        {
+            "name": "broken",
+            "foreground": "fg.png",
+            "background": "broken.png",
+            "composite": "bg.png",
+            "box": [0, 0, 8, 8],
+            "caption": "a",
+        },
+        {
+            "name": "bad_box",
+            "foreground": "fg.png",
+            "background": "bg.png",
+            "composite": "bg.png",
+            "box": [0, 0, 80, 8],
+            "caption": "a",
+        },
+        {
+            "name": "no_caption",
+            "foreground": "fg.png",
+            "background": "bg.png",
+            "composite": "bg.png",
+            "box": [0, 0, 8, 8],
+        },
+    ]
     (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{oops\n")
     dataset = ManifestDataset(tmp_path, "triplet", resolution=64)
     assert [e["name"] for e in dataset.entries] == ["good"]

@@ -56,8 +56,9 @@ def _values(job: str, paths: dict, out: Path, batch_size: int) -> dict:
     if job == "phi":
         vaes = dict(vae=f"{m['flux_fill']}/vae", rgba_vae=m["rgba_vae"])
         return dict(fast, data_dir=d["phi"], phi_overrides=TINY_PHI, **vaes)
-    text = dict(max_sequence_length=8, text_cache_dir=str(out / "text_cache"), flux_fill=m["flux_fill"],
-                rgba_vae=m["rgba_vae"])  # fmt: skip
+    text = dict(
+        max_sequence_length=8, text_cache_dir=str(out / "text_cache"), flux_fill=m["flux_fill"], rgba_vae=m["rgba_vae"]
+    )
     if job == "decompose":
         overrides = {"joint_rank": 4, "fusion_dim": 32, "fusion_latents": 8, "fusion_heads": 2}
         return dict(fast, **text, data_dir=paths["decomposition"], lora_rank=4, decomposition_overrides=overrides)
@@ -96,9 +97,24 @@ def _launch(paths: dict, out: Path, processes: int, jobs: list[str]) -> None:
     else:
         # `accelerate launch --cpu` alone starts ONE process (accelerate 1.x's simple launcher); --multi_gpu starts
         # torchrun workers, which pick the CPU and gloo from ACCELERATE_USE_CPU.
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(29500 + os.getpid() % 1000), __file__, str(spec)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(29500 + os.getpid() % 1000),
+            __file__,
+            str(spec),
+        ]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if done.returncode:
         errors = [line for line in done.stderr.splitlines() if "Error" in line][-5:]
@@ -122,9 +138,17 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     models = {k: str(v) for k, v in write_tiny_models(root / "models").items()}
     data = {k: str(v) for k, v in write_layer_datasets(ASSETS, root / "data", count=8).items()}
-    decomposition = build_decomposition_data(DataConfig(
-        foreground_dir=str(ASSETS / "stamps"), background_dir=str(ASSETS / "photos"),
-        output_dir=str(root / "decomposition"), count=8, size=64, min_objects=1, max_objects=2)).weights  # fmt: skip
+    decomposition = build_decomposition_data(
+        DataConfig(
+            foreground_dir=str(ASSETS / "stamps"),
+            background_dir=str(ASSETS / "photos"),
+            output_dir=str(root / "decomposition"),
+            count=8,
+            size=64,
+            min_objects=1,
+            max_objects=2,
+        )
+    ).weights
     paths = {"models": models, "data": data, "decomposition": str(decomposition)}
     _launch(paths, root / "two", 2, list(STEPS))
     _launch(paths, root / "one", 1, list(STEPS))

@@ -22,8 +22,15 @@ ASSETS = Path(__file__).parent / "assets"
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("decomp") / "data"
-    cfg = DataConfig(foreground_dir=str(ASSETS / "stamps"), background_dir=str(ASSETS / "photos"),
-                     output_dir=str(out), count=6, size=64, min_objects=1, max_objects=3)  # fmt: skip
+    cfg = DataConfig(
+        foreground_dir=str(ASSETS / "stamps"),
+        background_dir=str(ASSETS / "photos"),
+        output_dir=str(out),
+        count=6,
+        size=64,
+        min_objects=1,
+        max_objects=3,
+    )
     return build(cfg).weights
 
 
@@ -36,8 +43,9 @@ def test_builder_layers_recomposite_exactly(data):
         others = [lay for j, lay in enumerate(layers) if j != r["target"]]
         comp = load_image(data / r["composite"], "RGB")
         torch.testing.assert_close(composite_stack([photo, *layers])[:, :3], comp, atol=0.6 / 255, rtol=0)
-        torch.testing.assert_close(composite_stack([photo, *others])[:, :3], load_image(data / r["background"], "RGB"),
-                                   atol=0.6 / 255, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            composite_stack([photo, *others])[:, :3], load_image(data / r["background"], "RGB"), atol=0.6 / 255, rtol=0
+        )
         assert torch.equal(load_image(data / r["foreground"], "RGBA"), layers[r["target"]])
         mask = load_image(data / r["mask"], "L")
         assert mask.sum() > 0 and (mask <= (layers[r["target"]][:, 3:] > 0.5).float()).all()
@@ -55,8 +63,9 @@ def test_imperfect_mask_spoils_but_keeps_the_object():
 def test_imperfect_mask_shift_never_wraps_to_the_opposite_edge():
     m = torch.zeros(64, 1, 32, 32)
     m[..., 10:20, 26:] = 1  # touches the right edge (and no other)
-    spoiled = imperfect_mask(m, torch.Generator().manual_seed(0), dilate_px=2, erode_px=1, jitter_px=4,
-                             probability=1.0)  # fmt: skip
+    spoiled = imperfect_mask(
+        m, torch.Generator().manual_seed(0), dilate_px=2, erode_px=1, jitter_px=4, probability=1.0
+    )
     assert spoiled[..., :20].sum() == 0  # with a wrap-around shift, right-edge pixels land in the left columns
     assert spoiled[..., 20:].sum(dim=(1, 2, 3)).min() > 0  # the object is still there in every sample
     assert not torch.equal(spoiled, m.expand_as(spoiled))  # and the masks did move
@@ -73,12 +82,26 @@ def test_shift_without_wrap_moves_and_drops():
 
 def _config(data, models, run_dir, **overrides):
     values = dict(
-        output_dir=str(run_dir), data_dir=str(data), flux_fill=str(models["flux_fill"]),
-        rgba_vae=str(models["rgba_vae"]), lora_rank=4,
+        output_dir=str(run_dir),
+        data_dir=str(data),
+        flux_fill=str(models["flux_fill"]),
+        rgba_vae=str(models["rgba_vae"]),
+        lora_rank=4,
         decomposition_overrides={"joint_rank": 4, "fusion_dim": 32, "fusion_latents": 8, "fusion_heads": 2},
-        mixed_precision="no", gradient_checkpointing=False, batch_size=2, max_steps=2, checkpointing_steps=1,
-        validation_steps=0, num_workers=0, report_to="none", resolution=64, learning_rate=1e-3,
-        max_sequence_length=8, optimizer="adamw", lr_scheduler="constant")  # fmt: skip
+        mixed_precision="no",
+        gradient_checkpointing=False,
+        batch_size=2,
+        max_steps=2,
+        checkpointing_steps=1,
+        validation_steps=0,
+        num_workers=0,
+        report_to="none",
+        resolution=64,
+        learning_rate=1e-3,
+        max_sequence_length=8,
+        optimizer="adamw",
+        lr_scheduler="constant",
+    )
     return load_config(train_decompose.TrainConfig, None, {**values, **overrides})
 
 
@@ -90,21 +113,40 @@ def test_kill_and_resume_gives_bit_identical_next_losses(data, tmp_path):
     resumed_dir = tmp_path / "resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-000001", resumed_dir / "checkpoint-000001")
-    resumed = train_decompose.main(_config(data, models, tmp_path / "resumed", max_steps=3,
-                                           resume_from_checkpoint="latest"))  # fmt: skip
+    resumed = train_decompose.main(
+        _config(data, models, tmp_path / "resumed", max_steps=3, resume_from_checkpoint="latest")
+    )
     assert resumed.first_step == 2
     assert resumed.losses == full.losses[1:]  # bit for bit
 
 
 def test_two_steps_checkpoint_is_the_trainable_set_and_loads_in_the_node_loader(data, tmp_path):
     models = write_tiny_models(tmp_path / "models")
-    cfg = load_config(train_decompose.TrainConfig, None, dict(
-        output_dir=str(tmp_path / "run"), data_dir=str(data), flux_fill=str(models["flux_fill"]),
-        rgba_vae=str(models["rgba_vae"]), lora_rank=4,
-        decomposition_overrides={"joint_rank": 4, "fusion_dim": 32, "fusion_latents": 8, "fusion_heads": 2},
-        mixed_precision="no", gradient_checkpointing=False, batch_size=2, max_steps=2, checkpointing_steps=1,
-        validation_steps=0, num_workers=0, report_to="none", resolution=64, learning_rate=1e-3,
-        max_sequence_length=8, optimizer="adamw", lr_scheduler="constant"))  # fmt: skip
+    cfg = load_config(
+        train_decompose.TrainConfig,
+        None,
+        dict(
+            output_dir=str(tmp_path / "run"),
+            data_dir=str(data),
+            flux_fill=str(models["flux_fill"]),
+            rgba_vae=str(models["rgba_vae"]),
+            lora_rank=4,
+            decomposition_overrides={"joint_rank": 4, "fusion_dim": 32, "fusion_latents": 8, "fusion_heads": 2},
+            mixed_precision="no",
+            gradient_checkpointing=False,
+            batch_size=2,
+            max_steps=2,
+            checkpointing_steps=1,
+            validation_steps=0,
+            num_workers=0,
+            report_to="none",
+            resolution=64,
+            learning_rate=1e-3,
+            max_sequence_length=8,
+            optimizer="adamw",
+            lr_scheduler="constant",
+        ),
+    )
     seen = {}
     result = train_decompose.main(cfg, callback=lambda step, info, model: seen.setdefault("model", model))
     model = seen["model"]
@@ -113,8 +155,9 @@ def test_two_steps_checkpoint_is_the_trainable_set_and_loads_in_the_node_loader(
     assert "transformer.x_embedder.weight" in trainable and any("lora_A.fg" in n for n in trainable)
     with safe_open(str(result.weights), "pt") as f:
         assert set(f.keys()) == trainable
-    with safe_open(str(tmp_path / "run" / "checkpoints" / "checkpoint-000002" / "decomposition_weights.safetensors"),
-                   "pt") as f:  # fmt: skip
+    with safe_open(
+        str(tmp_path / "run" / "checkpoints" / "checkpoint-000002" / "decomposition_weights.safetensors"), "pt"
+    ) as f:
         assert set(f.keys()) == trainable
     assert all(torch.isfinite(torch.tensor(result.losses)))
     # The new input columns moved away from zero: the fused context is being learned.
@@ -122,8 +165,9 @@ def test_two_steps_checkpoint_is_the_trainable_set_and_loads_in_the_node_loader(
     from bfs_core.models.flux_fill_loading import load_flux_fill_transformer
     from bfs_core.models.layer_decomposition import apply_decomposition_weights
 
-    loaded = apply_decomposition_weights(load_flux_fill_transformer(models["flux_fill"], torch_dtype=torch.float32),
-                                         result.weights)  # fmt: skip
+    loaded = apply_decomposition_weights(
+        load_flux_fill_transformer(models["flux_fill"], torch_dtype=torch.float32), result.weights
+    )
     for name in trainable:
         assert torch.equal(loaded.get_parameter(name), model.get_parameter(name).detach())
 
@@ -157,8 +201,13 @@ def test_trainer_contexts_are_the_masked_images():
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 2:12, 3:6] = 1  # an L
     mask[..., 9:12, 3:14] = 1
-    raw = {"composite": composite, "mask": mask, "background": torch.rand(1, 3, 16, 16, generator=gen),
-           "foreground": torch.rand(1, 4, 16, 16, generator=gen), "caption": ["x"]}  # fmt: skip
+    raw = {
+        "composite": composite,
+        "mask": mask,
+        "background": torch.rand(1, 3, 16, 16, generator=gen),
+        "foreground": torch.rand(1, 4, 16, 16, generator=gen),
+        "caption": ["x"],
+    }
     outside_only, inside_only = composite.clone(), torch.zeros_like(composite)
     for ys, xs in ((slice(2, 12), slice(3, 6)), (slice(9, 12), slice(3, 14))):
         outside_only[..., ys, xs] = 0

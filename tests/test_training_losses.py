@@ -234,8 +234,14 @@ def _pair_batch():
     mask[1, :, 8:16, 0:5] = 1
     background = torch.rand(2, 3, 16, 16, generator=gen)
     foreground = torch.rand(2, 4, 16, 16, generator=gen)
-    return {"composite": composite, "mask": mask, "background": background, "foreground": foreground,
-            "caption": ["a", "b"], "name": ["p0", "p1"]}  # fmt: skip
+    return {
+        "composite": composite,
+        "mask": mask,
+        "background": background,
+        "foreground": foreground,
+        "caption": ["a", "b"],
+        "name": ["p0", "p1"],
+    }
 
 
 def test_stage2_surrogate_is_the_composite_inside_the_mask_with_alpha_m():

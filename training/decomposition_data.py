@@ -70,8 +70,13 @@ def _save(x: torch.Tensor, path: Path) -> str:
     return path.as_posix()
 
 
-def compose_sample(photo: Image.Image, layers: list[Image.Image], size: int, rng: np.random.Generator,
-                   scale: tuple[float, float] = (0.3, 0.7)) -> dict[str, torch.Tensor | int]:  # fmt: skip
+def compose_sample(
+    photo: Image.Image,
+    layers: list[Image.Image],
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.3, 0.7),
+) -> dict[str, torch.Tensor | int]:
     """Place `layers` (RGBA) over a random square crop of `photo`; returns quantised tensors and the target index.
 
     Keys: photo [3,S,S], layers [K,4,S,S] (bottom to top), target (int), foreground [4,S,S], background [3,S,S],
@@ -121,8 +126,14 @@ def shift_without_wrap(m: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return out
 
 
-def imperfect_mask(mask: torch.Tensor, generator: torch.Generator, dilate_px: int = 8, erode_px: int = 4,
-                   jitter_px: int = 4, probability: float = 0.8) -> torch.Tensor:  # fmt: skip
+def imperfect_mask(
+    mask: torch.Tensor,
+    generator: torch.Generator,
+    dilate_px: int = 8,
+    erode_px: int = 4,
+    jitter_px: int = 4,
+    probability: float = 0.8,
+) -> torch.Tensor:
     """Spoil binary masks [N, 1, H, W] as the paper trains with: per sample (with `probability`) a random dilation
     (up to `dilate_px`) or erosion (up to `erode_px`), then a random shift of up to `jitter_px` pixels (what leaves
     the image is dropped and the uncovered edge is empty: nothing wraps around to the opposite side)."""
@@ -157,8 +168,12 @@ def main(cfg: DataConfig) -> DataResult:
     if cfg.size % 64:
         raise ValueError(f"`size` must be a multiple of 64 (the RGBA VAE needs it) but got {cfg.size}.")
     fgs = _images(cfg.foreground_dir, "*.png", "foreground_dir")
-    bgs = [p for ext in ("*.jpg", "*.jpeg", "*.png") for p in _images(cfg.background_dir, "*", "background_dir")
-           if p.match(ext)]  # fmt: skip
+    bgs = [
+        p
+        for ext in ("*.jpg", "*.jpeg", "*.png")
+        for p in _images(cfg.background_dir, "*", "background_dir")
+        if p.match(ext)
+    ]
     rng = np.random.default_rng(cfg.seed)
     out = Path(cfg.output_dir)
     lines = []
@@ -166,8 +181,9 @@ def main(cfg: DataConfig) -> DataResult:
         k = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
         chosen = [fgs[j] for j in rng.choice(len(fgs), size=k, replace=len(fgs) < k)]
         with Image.open(bgs[int(rng.integers(len(bgs)))]) as photo:
-            sample = compose_sample(photo, [Image.open(p) for p in chosen], cfg.size, rng,
-                                    (cfg.min_scale, cfg.max_scale))  # fmt: skip
+            sample = compose_sample(
+                photo, [Image.open(p) for p in chosen], cfg.size, rng, (cfg.min_scale, cfg.max_scale)
+            )
         if not sample["mask"].any():
             continue  # the target is fully hidden: nothing to decompose
         name = f"d{i:06d}"

@@ -74,11 +74,13 @@ def write_layer_datasets(assets: str | Path, out_dir: str | Path, count: int = 8
         files = {k: f"{k}/{name}.png" for k in ("foreground", "background", "composite")}
         common = {"name": name, "caption": s["caption"]}
         lines["triplets"].append({**common, **files, "box": s["box"]})
-        lines["pairs"].append({**common, "composite": files["composite"], "background": files["background"],
-                               "box": s["box"]})  # fmt: skip
+        lines["pairs"].append(
+            {**common, "composite": files["composite"], "background": files["background"], "box": s["box"]}
+        )
         lines["phi"].append({"name": name, "foreground": files["foreground"], "background": files["background"]})
-        lines["removal"].append({**common, "composite": files["composite"], "background": files["background"],
-                                 "mask": f"mask/{name}.png"})  # fmt: skip
+        lines["removal"].append(
+            {**common, "composite": files["composite"], "background": files["background"], "mask": f"mask/{name}.png"}
+        )
     for kind, rows in lines.items():
         (out / kind / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {kind: out / kind for kind in lines}

@@ -25,9 +25,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--guidance", type=float, default=30.0)
-    parser.add_argument("--short-side", type=int, default=None,
-                        help="processing short side (0 = keep size; default: the paper's 1024, DEFAULT_SHORT_SIDE in "
-                             "bfs_core/models/layer_decomposition.py, as the node)")  # fmt: skip
+    parser.add_argument(
+        "--short-side",
+        type=int,
+        default=None,
+        help="processing short side (0 = keep size; default: the paper's 1024, DEFAULT_SHORT_SIDE in "
+        "bfs_core/models/layer_decomposition.py, as the node)",
+    )
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -124,8 +128,11 @@ def run(args) -> int:
     from bfs_core.layered_files import write_layered_file
     from bfs_core.pipelines.decomposition import DecompositionPipeline
 
-    sizes = {flag: check_image(getattr(args, flag), f"--{flag}")
-             for flag in ("image", "mask", "edge", "segmentation", "depth") if getattr(args, flag)}  # fmt: skip
+    sizes = {
+        flag: check_image(getattr(args, flag), f"--{flag}")
+        for flag in ("image", "mask", "edge", "segmentation", "depth")
+        if getattr(args, flag)
+    }
     for flag, size in sizes.items():
         if size != sizes["image"]:
             raise UserInputError(
@@ -135,19 +142,29 @@ def run(args) -> int:
     out = check_output_dir(args.out, "--out")
     image = load_image(Path(args.image), "RGB")
     mask = load_image(Path(args.mask), "L")
-    given = {k: load_image(Path(getattr(args, k)), "RGB") if getattr(args, k) else None
-             for k in ("edge", "segmentation", "depth")}  # fmt: skip
+    given = {
+        k: load_image(Path(getattr(args, k)), "RGB") if getattr(args, k) else None
+        for k in ("edge", "segmentation", "depth")
+    }
     # Checked before any model loads.
     cache_threshold = parse_cache_threshold(args.cache_threshold, "--cache-threshold")
     model, codec, decoder, encoders, scheduler = load_components(args)
     maps = estimated_maps(args, image, given)
     embeds, pooled = encoders.encode([args.prompt])
     result = DecompositionPipeline(model, codec, decoder, scheduler).decompose(
-        image, mask, embeds, pooled, **maps, compute_edges=not args.no_edges, seed=args.seed, steps=args.steps,
-        guidance=args.guidance, short_side=resolved_short_side(args),
+        image,
+        mask,
+        embeds,
+        pooled,
+        **maps,
+        compute_edges=not args.no_edges,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        short_side=resolved_short_side(args),
         callback=lambda i, total, _: print(f"step {i + 1}/{total}", end="\r", flush=True),
         cache_threshold=cache_threshold,
-    )  # fmt: skip
+    )
     print()
     with output_folder(out):
         written = {

@@ -12,12 +12,19 @@ from .decompose import add_model_arguments, load_components, resolved_short_side
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", required=True, help="case folder (see bfs_core/decomposition_eval.py)")
-    parser.add_argument("--build-cases", metavar="ASSETS", help="first build --cases from these assets "
-                        "(photos/ + stamps/, e.g. tests/assets)")  # fmt: skip
+    parser.add_argument(
+        "--build-cases",
+        metavar="ASSETS",
+        help="first build --cases from these assets (photos/ + stamps/, e.g. tests/assets)",
+    )
     parser.add_argument("--num-cases", type=int, default=4)
     parser.add_argument("--case-size", type=int, default=64)
-    parser.add_argument("--methods", default="baseline,ours", help="comma list of: baseline (plain FLUX.1-Fill-dev "
-                        "inpainting of the mask), ours (needs --weights and --rgba-vae)")  # fmt: skip
+    parser.add_argument(
+        "--methods",
+        default="baseline,ours",
+        help="comma list of: baseline (plain FLUX.1-Fill-dev "
+        "inpainting of the mask), ours (needs --weights and --rgba-vae)",
+    )
     parser.add_argument("--lpips", help="TorchScript LPIPS file (local); LPIPS is reported only with it")
     parser.add_argument("--fid-features", help="TorchScript feature extractor for FID (local); FID only with it")
     parser.add_argument("--out", help="also write predictions and report.json here")
@@ -45,10 +52,18 @@ def run(args) -> int:
         embeds, pooled = encoders.encode([args.prompt])
 
         def decompose(case, pipe=pipe, embeds=embeds, pooled=pooled):
-            r = pipe.decompose(case.composite, case.mask, embeds, pooled, compute_edges=not args.no_edges,
-                               seed=args.seed, steps=args.steps, guidance=args.guidance,
-                               short_side=resolved_short_side(args))
-            return r.foreground, r.background  # fmt: skip
+            r = pipe.decompose(
+                case.composite,
+                case.mask,
+                embeds,
+                pooled,
+                compute_edges=not args.no_edges,
+                seed=args.seed,
+                steps=args.steps,
+                guidance=args.guidance,
+                short_side=resolved_short_side(args),
+            )
+            return r.foreground, r.background
 
         out = Path(args.out) if args.out else None
         results.append(evaluate(names[method], decompose, cases, lpips=lpips, fid_features=fid, out_dir=out))

@@ -15,8 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=64, help="held-out scenes (default 64)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ablations", metavar="WORK", help="also score every <WORK>/variants/<name>/bfs.safetensors "
-                        "(written by `python scripts/train_toy.py --ablations --work WORK`)")  # fmt: skip
+    parser.add_argument(
+        "--ablations",
+        metavar="WORK",
+        help="also score every <WORK>/variants/<name>/bfs.safetensors "
+        "(written by `python scripts/train_toy.py --ablations --work WORK`)",
+    )
     parser.add_argument(
         "--cache-threshold",
         metavar="X",

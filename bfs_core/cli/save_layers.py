@@ -19,8 +19,10 @@ def run(args: argparse.Namespace) -> int:
     from bfs_core.layered_files import write_layered_file
 
     check_output_file(args.out, "--out", (".psd", ".ora"))
-    sizes = {path: check_image(path, "background" if i == 0 else "layers")
-             for i, path in enumerate([args.background, *args.layers])}  # fmt: skip
+    sizes = {
+        path: check_image(path, "background" if i == 0 else "layers")
+        for i, path in enumerate([args.background, *args.layers])
+    }
     for path, size in sizes.items():
         if size != sizes[args.background]:
             raise UserInputError(

@@ -696,8 +696,9 @@ def run_two_branches(
     hidden = torch.cat([comp_hidden, fg_hidden], dim=0)
     if txt_ids is None:
         txt_ids = prompt_embeds.new_zeros(prompt_embeds.shape[1], 3)
-    timestep = torch.cat([_as_rows(timestep_comp, n, "timestep_comp", hidden),
-                          _as_rows(timestep_fg, n, "timestep_fg", hidden)])  # fmt: skip
+    timestep = torch.cat(
+        [_as_rows(timestep_comp, n, "timestep_comp", hidden), _as_rows(timestep_fg, n, "timestep_fg", hidden)]
+    )
     guidance_rows = _as_rows(guidance, n, "guidance", hidden).repeat(2)
     out = transformer(
         hidden_states=hidden,
@@ -796,9 +797,17 @@ class DualBranchFlux(nn.Module):
             raise ValueError(f"Text conditioning has batch {prompt_embeds.shape[0]}/{pooled.shape[0]}, expected {n}.")
         # [N, L, 64] ×2 -> [N, L, 384] per branch, each with the shared Fill conditioning.
         return run_two_branches(
-            self.transformer, torch.cat([comp_latents, fill_cond], -1), torch.cat([fg_latents, fill_cond], -1),
-            prompt_embeds, pooled, timestep_comp, timestep_fg, img_ids, guidance, txt_ids,
-        )  # fmt: skip
+            self.transformer,
+            torch.cat([comp_latents, fill_cond], -1),
+            torch.cat([fg_latents, fill_cond], -1),
+            prompt_embeds,
+            pooled,
+            timestep_comp,
+            timestep_fg,
+            img_ids,
+            guidance,
+            txt_ids,
+        )
 
 
 def store_weights_in_fp8(transformer: FluxTransformer2DModel, compute_dtype: torch.dtype = torch.bfloat16) -> None:

@@ -316,10 +316,17 @@ class LayerDecomposition(nn.Module):
         bg_ctx, fg_ctx, fused = condition[..., :c], condition[..., c : 2 * c], condition[..., 2 * c :]
         # Background rows take dual_flux's `comp` place, foreground rows its `fg` place: [N, L, 64 + 320 + F] each.
         return run_two_branches(
-            self.transformer, torch.cat([bg_latents, bg_ctx, fused], -1).to(self.dtype),
-            torch.cat([fg_latents, fg_ctx, fused], -1).to(self.dtype), prompt_embeds, pooled, timestep_bg,
-            timestep_fg, img_ids, guidance, txt_ids,
-        )  # fmt: skip
+            self.transformer,
+            torch.cat([bg_latents, bg_ctx, fused], -1).to(self.dtype),
+            torch.cat([fg_latents, fg_ctx, fused], -1).to(self.dtype),
+            prompt_embeds,
+            pooled,
+            timestep_bg,
+            timestep_fg,
+            img_ids,
+            guidance,
+            txt_ids,
+        )
 
 
 class FluxFillBaseline(nn.Module):
@@ -346,8 +353,19 @@ class FluxFillBaseline(nn.Module):
     def fuse(self, modality_tokens, query_tokens: torch.Tensor, img_ids) -> torch.Tensor:
         return query_tokens.new_zeros(*query_tokens.shape[:2], 0)
 
-    def forward(self, bg_latents, fg_latents, condition, prompt_embeds, pooled, timestep_bg, timestep_fg, img_ids,
-                guidance=30.0, txt_ids=None):  # fmt: skip
+    def forward(
+        self,
+        bg_latents,
+        fg_latents,
+        condition,
+        prompt_embeds,
+        pooled,
+        timestep_bg,
+        timestep_fg,
+        img_ids,
+        guidance=30.0,
+        txt_ids=None,
+    ):
         n = bg_latents.shape[0]
         hidden = torch.cat([bg_latents, condition[..., :FILL_CONTEXT_CHANNELS]], -1).to(self.dtype)
         if txt_ids is None:

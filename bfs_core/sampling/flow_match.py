@@ -173,8 +173,12 @@ def sample_dual(
     """
     if mode not in ("bg2fg", "extract_fg"):
         raise ValueError(f"`mode` must be 'bg2fg' or 'extract_fg' but got {mode!r}.")
-    for name, value in (("fill_cond", fill_cond), ("prompt_embeds", prompt_embeds), ("pooled", pooled),
-                        ("comp_clean", comp_clean)):  # fmt: skip
+    for name, value in (
+        ("fill_cond", fill_cond),
+        ("prompt_embeds", prompt_embeds),
+        ("pooled", pooled),
+        ("comp_clean", comp_clean),
+    ):
         check_finite(name, value)
     for name, value in zip(("noise (comp)", "noise (fg)"), noise or ()):
         check_finite(name, value)

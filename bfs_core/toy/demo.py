@@ -28,10 +28,16 @@ logger = logging.getLogger(__name__)
 # (background seed, [(prompt, box), ...]): boxes [x0, y0, x1, y1] on the 64 × 64 canvas, standing on the ground.
 SCENES = [
     (3, [("a red cube", [14, 34, 30, 50]), ("a blue ball", [36, 38, 52, 54]), ("a yellow cone", [24, 40, 40, 56])]),
-    (7, [("a green ball", [12, 38, 28, 54]), ("a purple pillar", [40, 28, 49, 52]),
-         ("a white cube", [26, 42, 42, 58])]),
+    (
+        7,
+        [
+            ("a green ball", [12, 38, 28, 54]),
+            ("a purple pillar", [40, 28, 49, 52]),
+            ("a white cube", [26, 42, 42, 58]),
+        ],
+    ),
     (11, [("a yellow cone", [34, 36, 50, 52]), ("a red ball", [14, 40, 30, 56]), ("a blue pillar", [28, 30, 37, 54])]),
-]  # fmt: skip
+]
 CHAIN = (3, [("a red cube", [10, 38, 26, 54]), ("a blue ball", [38, 40, 54, 56])])
 SCALE = 4
 
@@ -61,8 +67,9 @@ def _mask(box: list[int], size: int = 64) -> torch.Tensor:
 def bg2fg(pipe, rgba, background: torch.Tensor, prompt: str, box: list[int], *, steps: int, seed: int):
     """One BG2FG call: (RGBA layer [1, 4, H, W], composite branch [1, 3, H, W])."""
     embeds, pooled = pipe.text_encoders.encode([prompt], max_sequence_length=MAX_SEQUENCE_LENGTH)
-    result = pipe.generate(background, _mask(box, background.shape[-1]), embeds, pooled, seed=seed, steps=steps,
-                           short_side=0)  # fmt: skip
+    result = pipe.generate(
+        background, _mask(box, background.shape[-1]), embeds, pooled, seed=seed, steps=steps, short_side=0
+    )
     return rgba.decode(result.fg_latent), result.composite
 
 
@@ -127,8 +134,10 @@ def run_demo(out_dir: str | Path, *, weights: str | Path | None = None, steps: i
     ora = write_layered_file(out / "scene.ora", _to_pil(bg[0]), layers)
     _save_rgba(scene[0], out / "scene.png")
     sheet = out / "contact_sheet.png"
-    title = ("BFS toy demo: background | per prompt: RGBA layer (checkerboard = transparent, yellow = box) | "
-             "layer over background.  Last row: a three-layer scene by chaining.")  # fmt: skip
+    title = (
+        "BFS toy demo: background | per prompt: RGBA layer (checkerboard = transparent, yellow = box) | "
+        "layer over background.  Last row: a three-layer scene by chaining."
+    )
     with atomic_path(sheet) as tmp:
         _sheet(rows, title).save(tmp)
     seconds = time.time() - start

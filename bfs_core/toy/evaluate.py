@@ -33,8 +33,15 @@ from .world import COLOURS, SHAPES, Scene, make_scene, shape_mask
 logger = logging.getLogger(__name__)
 
 METRICS = ("alpha_iou", "colour_acc", "shape_acc", "shadow_err_deg", "stray_alpha", "comp_consistency", "extract_err")
-HIGHER_IS_BETTER = {"alpha_iou": True, "colour_acc": True, "shape_acc": True, "shadow_err_deg": False,
-                    "stray_alpha": False, "comp_consistency": False, "extract_err": False}  # fmt: skip
+HIGHER_IS_BETTER = {
+    "alpha_iou": True,
+    "colour_acc": True,
+    "shape_acc": True,
+    "shadow_err_deg": False,
+    "stray_alpha": False,
+    "comp_consistency": False,
+    "extract_err": False,
+}
 OBJECT_ALPHA = 0.75
 
 

@@ -67,21 +67,29 @@ def box_warnings(box: tuple[int, int, int, int]) -> list[str]:
     """Warnings for a world box [x0, y0, x1, y1) the toy model was not trained on (empty when it is in range)."""
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
-    trained = (f"it was trained on boxes {WIDTH_RANGE[0]}–{WIDTH_RANGE[1]} px wide and "
-               f"{HEIGHT_RANGE[0]}–{HEIGHT_RANGE[1]} px tall")  # fmt: skip
+    trained = (
+        f"it was trained on boxes {WIDTH_RANGE[0]}–{WIDTH_RANGE[1]} px wide and "
+        f"{HEIGHT_RANGE[0]}–{HEIGHT_RANGE[1]} px tall"
+    )
     out = []
     if w < WIDTH_RANGE[0] or h < HEIGHT_RANGE[0]:
-        out.append(f"The box is too small: {w}×{h} px in the toy's {SIZE}×{SIZE} world, and {trained}; expect a "
-                   f"blob or nothing. Draw a larger box.")  # fmt: skip
+        out.append(
+            f"The box is too small: {w}×{h} px in the toy's {SIZE}×{SIZE} world, and {trained}; expect a "
+            f"blob or nothing. Draw a larger box."
+        )
     if w > WIDTH_RANGE[1] or h > HEIGHT_RANGE[1]:
-        out.append(f"The box is too large: {w}×{h} px in the toy's {SIZE}×{SIZE} world, and {trained}; expect "
-                   f"garbage. Draw a box about a quarter of the image wide.")  # fmt: skip
+        out.append(
+            f"The box is too large: {w}×{h} px in the toy's {SIZE}×{SIZE} world, and {trained}; expect "
+            f"garbage. Draw a box about a quarter of the image wide."
+        )
     if not FOOT_RANGE[0] <= y1 <= FOOT_RANGE[1]:
         where = "above the ground (in the sky)" if y1 < FOOT_RANGE[0] else "below the ground the model saw"
-        out.append(f"The box is off the ground: its bottom edge (the object's foot) is at y = {y1} px of {SIZE}, "
-                   f"{where}; toy objects stand on the ground with their foot at y = {FOOT_RANGE[0]}–{FOOT_RANGE[1]} "
-                   f"px (the horizon is at {HORIZON_RANGE[0]}–{HORIZON_RANGE[1]}). Move the box down onto the "
-                   f"ground.")  # fmt: skip
+        out.append(
+            f"The box is off the ground: its bottom edge (the object's foot) is at y = {y1} px of {SIZE}, "
+            f"{where}; toy objects stand on the ground with their foot at y = {FOOT_RANGE[0]}–{FOOT_RANGE[1]} "
+            f"px (the horizon is at {HORIZON_RANGE[0]}–{HORIZON_RANGE[1]}). Move the box down onto the "
+            f"ground."
+        )
     return out
 
 
@@ -121,19 +129,25 @@ def run_toy(
     if mask.shape[-2:] != background.shape[-2:]:
         raise ValueError(f"`mask` {list(mask.shape)} must match the background's size {height}×{width}.")
     if composite is not None and composite.shape != background.shape:
-        raise ValueError(f"`composite` {list(composite.shape)} and `background` {list(background.shape)} must have "
-                         f"the same shape: the composite is the background with the object added.")  # fmt: skip
+        raise ValueError(
+            f"`composite` {list(composite.shape)} and `background` {list(background.shape)} must have "
+            f"the same shape: the composite is the background with the object added."
+        )
     world = (SIZE, SIZE)
     world_mask, boxes = _world_masks(mask)
     notes, warnings = [], []
     if (width, height) != world:
-        notes.append(f"The toy model works in a {SIZE}×{SIZE} world: the {width}×{height} input was resized to "
-                     f"{SIZE}×{SIZE} and the results mapped back to {width}×{height}.")  # fmt: skip
+        notes.append(
+            f"The toy model works in a {SIZE}×{SIZE} world: the {width}×{height} input was resized to "
+            f"{SIZE}×{SIZE} and the results mapped back to {width}×{height}."
+        )
         stretch = max(width, height) / min(width, height)
         if stretch > MAX_STRETCH:
-            warnings.append(f"The input is {width}×{height}, {stretch:.1f}× wider than tall (or taller than wide): "
-                            f"squeezed into the square toy world, objects come back distorted. Crop it to about "
-                            f"square.")  # fmt: skip
+            warnings.append(
+                f"The input is {width}×{height}, {stretch:.1f}× wider than tall (or taller than wide): "
+                f"squeezed into the square toy world, objects come back distorted. Crop it to about "
+                f"square."
+            )
     for i, box in enumerate(boxes):
         prefix = f"Image {i + 1}: " if len(boxes) > 1 else ""
         warnings += [prefix + w for w in box_warnings(box)]

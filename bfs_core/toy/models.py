@@ -61,8 +61,9 @@ def toy_vae(channels: int, seed: int = 0):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKL(in_channels=channels, out_channels=channels, scaling_factor=1.0, shift_factor=0.0,
-                             **TOY_VAE)  # fmt: skip
+        return AutoencoderKL(
+            in_channels=channels, out_channels=channels, scaling_factor=1.0, shift_factor=0.0, **TOY_VAE
+        )
 
 
 def toy_transformer(seed: int = 0):
@@ -125,6 +126,8 @@ def encode_toy_prompt(text_encoders, prompt: str) -> tuple[torch.Tensor, torch.T
 
     known = vocabulary()
     if prompt not in known:
-        raise ValueError(f"The toy model knows only 'a <colour> <shape>' prompts but got {prompt!r}. Use one of: "
-                         f"{', '.join(known)}.")  # fmt: skip
+        raise ValueError(
+            f"The toy model knows only 'a <colour> <shape>' prompts but got {prompt!r}. Use one of: "
+            f"{', '.join(known)}."
+        )
     return text_encoders.encode([prompt], max_sequence_length=MAX_SEQUENCE_LENGTH)

@@ -247,19 +247,31 @@ def write_datasets(out_dir: str | Path, count: int, seed: int = 0) -> dict[str, 
         name = f"{i:05d}"
         background = make_background(rng)
         real = make_scene(rng, background=background)
-        fake = make_scene(rng, background=background, colour=real.colour, shape=real.shape, box=real.box,
-                          degraded=True)  # fmt: skip
+        fake = make_scene(
+            rng, background=background, colour=real.colour, shape=real.shape, box=real.box, degraded=True
+        )
         for kind, scene in (("real", real), ("triplets", fake)):
             files = {k: f"{k}/{name}.png" for k in ("foreground", "background", "composite")}
             _save(scene.foreground, out / kind / files["foreground"])
             _save(scene.background, out / kind / files["background"])
             _save(scene.composite, out / kind / files["composite"])
             rows[kind].append({"name": name, **files, "box": scene.box, "caption": scene.caption})
-        rows["pairs"].append({"name": name, "composite": f"../real/composite/{name}.png",
-                              "background": f"../real/background/{name}.png", "box": real.box,
-                              "caption": real.caption})  # fmt: skip
-        rows["phi"].append({"name": name, "foreground": f"../real/foreground/{name}.png",
-                            "background": f"../real/background/{name}.png"})  # fmt: skip
+        rows["pairs"].append(
+            {
+                "name": name,
+                "composite": f"../real/composite/{name}.png",
+                "background": f"../real/background/{name}.png",
+                "box": real.box,
+                "caption": real.caption,
+            }
+        )
+        rows["phi"].append(
+            {
+                "name": name,
+                "foreground": f"../real/foreground/{name}.png",
+                "background": f"../real/background/{name}.png",
+            }
+        )
     for kind, lines in rows.items():
         (out / kind).mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / kind / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in lines))

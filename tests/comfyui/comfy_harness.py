@@ -165,22 +165,46 @@ def start_server(base: Path, timeout: float = 300.0, extra_args: tuple[str, ...]
     port = free_port()
     log_path = base / "server.log"
     cmd = [
-        str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-        "--disable-api-nodes", "--base-directory", str(base), "--database-url", "sqlite:///:memory:", *extra_args,
-    ]  # fmt: skip
+        str(python),
+        "main.py",
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-auto-launch",
+        "--disable-api-nodes",
+        "--base-directory",
+        str(base),
+        "--database-url",
+        "sqlite:///:memory:",
+        *extra_args,
+    ]
     # BFS_TEST_NODES registers the pack's test-only CONDITIONING node (tiny text encoders don't fit ComfyUI's loaders)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["BFS_TEST_NODES"] = "1"
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            cmd, cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            cmd,
+            cwd=comfy_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
             start_new_session=True,  # own process group: stopping it takes anything ComfyUI spawned along
-        )  # fmt: skip
+        )
     server = ComfyServer(
-        url=f"http://127.0.0.1:{port}", port=port, process=proc, base_dir=base, models_dir=base / "models",
-        input_dir=base / "input", output_dir=base / "output", temp_dir=base / "temp", log_path=log_path,
-    )  # fmt: skip
+        url=f"http://127.0.0.1:{port}",
+        port=port,
+        process=proc,
+        base_dir=base,
+        models_dir=base / "models",
+        input_dir=base / "input",
+        output_dir=base / "output",
+        temp_dir=base / "temp",
+        log_path=log_path,
+    )
     try:
         while True:
             if not server.alive():

@@ -51,10 +51,15 @@ def _inputs(transformer, device, dtype):
         return torch.randn(*shape, generator=gen).to(device, dtype)
 
     return dict(
-        comp_latents=r(1, length, 64), fg_latents=r(1, length, 64), fill_cond=r(1, length, cond),
-        prompt_embeds=r(1, 6, cfg.joint_attention_dim), pooled=r(1, cfg.pooled_projection_dim),
-        timestep_comp=0.7, timestep_fg=0.4, img_ids=ids.to(device, dtype),
-    )  # fmt: skip
+        comp_latents=r(1, length, 64),
+        fg_latents=r(1, length, 64),
+        fill_cond=r(1, length, cond),
+        prompt_embeds=r(1, 6, cfg.joint_attention_dim),
+        pooled=r(1, cfg.pooled_projection_dim),
+        timestep_comp=0.7,
+        timestep_fg=0.4,
+        img_ids=ids.to(device, dtype),
+    )
 
 
 def _forward(inner, device, dtype):
@@ -66,10 +71,15 @@ def _forward(inner, device, dtype):
 
             x = _inputs(inner.transformer, device, dtype)
             return run_two_branches(
-                inner.transformer, torch.cat([x["comp_latents"], x["fill_cond"]], -1),
-                torch.cat([x["fg_latents"], x["fill_cond"]], -1), x["prompt_embeds"], x["pooled"], 0.7, 0.4,
+                inner.transformer,
+                torch.cat([x["comp_latents"], x["fill_cond"]], -1),
+                torch.cat([x["fg_latents"], x["fill_cond"]], -1),
+                x["prompt_embeds"],
+                x["pooled"],
+                0.7,
+                0.4,
                 x["img_ids"],
-            )  # fmt: skip
+            )
         return inner(**_inputs(inner.transformer, device, dtype))
 
 

@@ -29,25 +29,56 @@ def base_graph() -> dict:
         "toy": {"class_type": "BFSLoadToyModel", "inputs": {}},
         "text": {"class_type": "BFSToyTextEncode", "inputs": {"text_encoder": ["toy", 3], "text": "a red cube"}},
         "box": {"class_type": "BFSBoxToMask", "inputs": {"image": ["bg", 0], "x0": 14, "y0": 34, "x1": 30, "y1": 50}},
-        "sample": {"class_type": "BFSBG2FGSample", "inputs": {"bfs_model": ["toy", 0], "background": ["bg", 0],
-                   "mask": ["box", 0], "positive": ["text", 0], "vae": ["toy", 1], "seed": 0, "steps": STEPS,
-                   "guidance": 30.0, "short_side": 512}},
-        "decode": {"class_type": "BFSRGBADecode", "inputs": {"rgba_vae": ["toy", 2], "foreground": ["sample", 0],
-                                                             "tta": False}},
+        "sample": {
+            "class_type": "BFSBG2FGSample",
+            "inputs": {
+                "bfs_model": ["toy", 0],
+                "background": ["bg", 0],
+                "mask": ["box", 0],
+                "positive": ["text", 0],
+                "vae": ["toy", 1],
+                "seed": 0,
+                "steps": STEPS,
+                "guidance": 30.0,
+                "short_side": 512,
+            },
+        },
+        "decode": {
+            "class_type": "BFSRGBADecode",
+            "inputs": {"rgba_vae": ["toy", 2], "foreground": ["sample", 0], "tta": False},
+        },
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "sweep/fg"}},
-    }  # fmt: skip
+    }
 
 
 def tensor(g: dict, name: str, *, width=64, height=64, batch=1, channels=3, value=0.5, poison="none") -> list:
     """Add a BFSTestTensor node; returns its [node, 0] (IMAGE) link; [node, 1] is the MASK, [node, 2] the LATENT."""
-    g[name] = {"class_type": "BFSTestTensor", "inputs": {"width": width, "height": height, "batch": batch,
-               "channels": channels, "value": value, "poison": poison}}  # fmt: skip
+    g[name] = {
+        "class_type": "BFSTestTensor",
+        "inputs": {
+            "width": width,
+            "height": height,
+            "batch": batch,
+            "channels": channels,
+            "value": value,
+            "poison": poison,
+        },
+    }
     return [name, 0]
 
 
 def conditioning(g: dict, name: str = "cond", **inputs) -> list:
-    g[name] = {"class_type": "BFSTestConditioning", "inputs": {"text": "a red cube", "width": 32, "pooled_width": 32,
-               "text_tokens": 16, "image_tokens": 0, **inputs}}  # fmt: skip
+    g[name] = {
+        "class_type": "BFSTestConditioning",
+        "inputs": {
+            "text": "a red cube",
+            "width": 32,
+            "pooled_width": 32,
+            "text_tokens": 16,
+            "image_tokens": 0,
+            **inputs,
+        },
+    }
     return [name, 0]
 
 
@@ -66,8 +97,17 @@ def composite_layer(g: dict, layer: list, background: list | None = None, alpha:
 
 
 def save_layers(g: dict, **inputs) -> dict:
-    g["layers"] = {"class_type": "BFSSaveLayers", "inputs": {"background": ["bg", 0], "layer_1": ["decode", 0],
-                   "names": "cube", "format": "psd", "filename_prefix": "sweep/scene", **inputs}}  # fmt: skip
+    g["layers"] = {
+        "class_type": "BFSSaveLayers",
+        "inputs": {
+            "background": ["bg", 0],
+            "layer_1": ["decode", 0],
+            "names": "cube",
+            "format": "psd",
+            "filename_prefix": "sweep/scene",
+            **inputs,
+        },
+    }
     return g
 
 
@@ -129,8 +169,10 @@ def _nan_model(step: int, branch: str) -> Callable[[dict], dict]:
     """The toy model copied by BFSTestNaNModel: `branch` turns NaN at `step` of 3 (the toy itself is left alone)."""
 
     def change(g: dict) -> dict:
-        g["nan_model"] = {"class_type": "BFSTestNaNModel", "inputs": {"bfs_model": ["toy", 0], "step": step,
-                                                                      "branch": branch}}  # fmt: skip
+        g["nan_model"] = {
+            "class_type": "BFSTestNaNModel",
+            "inputs": {"bfs_model": ["toy", 0], "step": step, "branch": branch},
+        }
         g["sample"]["inputs"].update(bfs_model=["nan_model", 0], steps=3)
         return g
 
@@ -168,7 +210,7 @@ def _load_rgba(name: str) -> Callable[[dict], dict]:
     return change
 
 
-TRUNCATED = b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":"  # a safetensors header cut short
+TRUNCATED = b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":'  # a safetensors header cut short
 
 
 @dataclass(frozen=True)
@@ -186,18 +228,27 @@ CASES = [
     Case("inf-background", _bad_background(poison="inf"), ("`background`", "infinite")),
     Case("nan-mask", _bad_mask(poison="nan"), ("`mask`", "NaN")),
     Case("inf-mask", _bad_mask(poison="inf"), ("`mask`", "infinite")),
-    Case("nan-composite", _chain(extract, lambda g: _link("sample", "composite", tensor(g, "bad", poison="nan"))(g)),
-         ("`composite`", "NaN")),
+    Case(
+        "nan-composite",
+        _chain(extract, lambda g: _link("sample", "composite", tensor(g, "bad", poison="nan"))(g)),
+        ("`composite`", "NaN"),
+    ),
     Case("nan-background-extract", _chain(extract, _bad_background(poison="nan")), ("`background`", "NaN")),
     Case("nan-latent", _bad_latent(poison="nan"), ("`foreground`", "NaN")),
     Case("inf-latent", _bad_latent(poison="inf"), ("`foreground`", "infinite")),
     Case("nan-positive", _bad_positive(poison="nan"), ("`positive`", "NaN")),
     Case("inf-positive", _bad_positive(poison="inf"), ("`positive`", "infinite")),
     Case("nan-layer", lambda g: composite_layer(g, tensor(g, "bad", channels=4, poison="nan")), ("`layer`", "NaN")),
-    Case("nan-save-background", lambda g: save_layers(g, background=tensor(g, "bad", poison="nan")),
-         ("`background`", "NaN")),
-    Case("nan-save-layer", lambda g: save_layers(g, layer_1=tensor(g, "bad", channels=4, poison="nan")),
-         ("`layer_1", "NaN")),
+    Case(
+        "nan-save-background",
+        lambda g: save_layers(g, background=tensor(g, "bad", poison="nan")),
+        ("`background`", "NaN"),
+    ),
+    Case(
+        "nan-save-layer",
+        lambda g: save_layers(g, layer_1=tensor(g, "bad", channels=4, poison="nan")),
+        ("`layer_1", "NaN"),
+    ),
     Case("nan-during-sampling-comp", _nan_model(step=2, branch="comp"), ("`comp` branch at step 2 of 3",)),
     Case("nan-during-sampling-fg", _nan_model(step=1, branch="fg"), ("`fg` branch at step 1 of 3",)),
     # -- regions and sizes -------------------------------------------------------------------------------------------
@@ -205,27 +256,48 @@ CASES = [
     Case("mask-wrong-size", _bad_mask(width=32, height=32), ("`mask`", "64×64", "[1, 32, 32]")),
     Case("box-outside-image", _set("box", x0=100, y0=100, x1=120, y1=120), ("`box`", "outside")),
     Case("box-empty", _set("box", x0=30, x1=20), ("box", "x1 must exceed x0")),
-    Case("composite-size-mismatch",
-         _chain(extract, lambda g: _link("sample", "composite", tensor(g, "bad", width=32, height=32))(g)),
-         ("`composite`", "`background`", "same size")),
+    Case(
+        "composite-size-mismatch",
+        _chain(extract, lambda g: _link("sample", "composite", tensor(g, "bad", width=32, height=32))(g)),
+        ("`composite`", "`background`", "same size"),
+    ),
     Case("background-2-channels", _bad_background(channels=2), ("`background`", "3 channels")),
     Case("background-rgba", _bad_background(channels=4), ("`background`", "3 channels")),
     Case("mask-batch-mismatch", _chain(_bad_background(batch=3), _bad_mask(batch=2)), ("`mask`", "batch")),
-    Case("positive-batch-mismatch", _chain(_bad_background(batch=3), _bad_positive(batch=2)),
-         ("conditioning batch 2", "3 images")),
+    Case(
+        "positive-batch-mismatch",
+        _chain(_bad_background(batch=3), _bad_positive(batch=2)),
+        ("conditioning batch 2", "3 images"),
+    ),
     # -- latents, layers and conditioning of the wrong kind ---------------------------------------------------------
-    Case("sd-latent", lambda g: _link("decode", "foreground", ["sd", 0])(
-        {**g, "sd": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}),
-         ("`foreground`", "16 channels")),
+    Case(
+        "sd-latent",
+        lambda g: _link("decode", "foreground", ["sd", 0])(
+            {**g, "sd": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+        ),
+        ("`foreground`", "16 channels"),
+    ),
     Case("rgb-layer-without-alpha", lambda g: composite_layer(g, tensor(g, "bad", channels=3)), ("`layer`", "alpha")),
-    Case("layer-size-mismatch", lambda g: composite_layer(g, tensor(g, "bad", width=32, height=32, channels=4)),
-         ("`layer`", "`background`", "32×32")),
+    Case(
+        "layer-size-mismatch",
+        lambda g: composite_layer(g, tensor(g, "bad", width=32, height=32, channels=4)),
+        ("`layer`", "`background`", "32×32"),
+    ),
     Case("positive-wrong-width", _bad_positive(width=48), ("conditioning", "32")),
     Case("positive-without-pooled", _bad_positive(pooled=False), ("`positive`", "pooled")),
-    Case("positive-two-entries", lambda g: _link("sample", "positive", ["combined", 0])(
-        {**g, "combined": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["text", 0],
-                                                                           "conditioning_2": ["text", 0]}}}),
-         ("`positive`", "2 conditioning entries")),
+    Case(
+        "positive-two-entries",
+        lambda g: _link("sample", "positive", ["combined", 0])(
+            {
+                **g,
+                "combined": {
+                    "class_type": "ConditioningCombine",
+                    "inputs": {"conditioning_1": ["text", 0], "conditioning_2": ["text", 0]},
+                },
+            }
+        ),
+        ("`positive`", "2 conditioning entries"),
+    ),
     Case("toy-prompt-not-in-vocabulary", _set("text", text="a cat"), ("`text`", "'a cat'", "colours red")),
     # -- widgets out of range, missing or mistyped links -------------------------------------------------------------
     Case("seed-negative", _set("sample", seed=-1), ("seed", "-1"), "validation"),
@@ -237,17 +309,27 @@ CASES = [
     Case("save-format-unknown", lambda g: save_layers(g, format="tiff"), ("`format`", "tiff", "psd")),
     Case("positive-missing", _drop("sample", "positive"), ("positive",), "validation"),
     Case("image-into-mask", _link("sample", "mask", ["bg", 0]), ("mask", "IMAGE", "MASK"), "validation"),
-    Case("mask-into-background", _link("sample", "background", ["box", 0]), ("background", "MASK", "IMAGE"),
-         "validation"),
+    Case(
+        "mask-into-background",
+        _link("sample", "background", ["box", 0]),
+        ("background", "MASK", "IMAGE"),
+        "validation",
+    ),
     # -- model files -------------------------------------------------------------------------------------------------
     Case("rgba-vae-file-missing", _load_rgba("no_such_vae.safetensors"), ("`rgba_vae`", "no_such_vae"), "validation"),
-    Case("rgba-vae-truncated", _chain(_files_in_bfs({"sweep_truncated.safetensors": TRUNCATED}),
-                                      _load_rgba("sweep_truncated.safetensors")),
-         ("`rgba_vae`", "sweep_truncated.safetensors"), "validation"),
-    Case("rgba-vae-not-safetensors", _chain(_files_in_bfs({"sweep_text.safetensors": b"not weights\n" * 8}),
-                                            _load_rgba("sweep_text.safetensors")),
-         ("`rgba_vae`", "sweep_text.safetensors"), "validation"),
-]  # fmt: skip
+    Case(
+        "rgba-vae-truncated",
+        _chain(_files_in_bfs({"sweep_truncated.safetensors": TRUNCATED}), _load_rgba("sweep_truncated.safetensors")),
+        ("`rgba_vae`", "sweep_truncated.safetensors"),
+        "validation",
+    ),
+    Case(
+        "rgba-vae-not-safetensors",
+        _chain(_files_in_bfs({"sweep_text.safetensors": b"not weights\n" * 8}), _load_rgba("sweep_text.safetensors")),
+        ("`rgba_vae`", "sweep_text.safetensors"),
+        "validation",
+    ),
+]
 
 
 def _message(comfy: ComfyClient, g: dict) -> tuple[str, str]:
@@ -303,10 +385,14 @@ def test_bad_input_is_refused_naming_it_and_the_server_keeps_serving(comfy, comf
     assert "Traceback" not in message and len(message) < 2000
     # Still serving. The graph keeps the toy loader (same node, same inputs), so ComfyUI keeps the one loaded model
     # object in its cache through the whole sweep: anything a bad input did to it shows in the last test.
-    ok = comfy.run({"toy": {"class_type": "BFSLoadToyModel", "inputs": {}},
-                    "a": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
-                                                                 "color": 0}},
-                    "b": {"class_type": "PreviewImage", "inputs": {"images": ["a", 0]}}}, timeout=60)  # fmt: skip
+    ok = comfy.run(
+        {
+            "toy": {"class_type": "BFSLoadToyModel", "inputs": {}},
+            "a": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "b": {"class_type": "PreviewImage", "inputs": {"images": ["a", 0]}},
+        },
+        timeout=60,
+    )
     assert ok.ok, ok.error
 
 

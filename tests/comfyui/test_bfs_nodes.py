@@ -19,26 +19,71 @@ from PIL import Image
 EXPECTED = {  # node id -> (input types by name, output types): the documented interface
     "BFSLoadModel": ({"base_model": "COMBO", "bfs_weights": "COMBO", "weight_dtype": "COMBO"}, ["BFS_MODEL"]),
     "BFSLoadRGBAVAE": ({"rgba_vae": "COMBO"}, ["BFS_RGBA_VAE"]),
-    "BFSBG2FGSample": ({"bfs_model": "BFS_MODEL", "background": "IMAGE", "mask": "MASK", "positive": "CONDITIONING",
-                        "vae": "VAE", "seed": "INT", "steps": "INT", "guidance": "FLOAT", "short_side": "INT"},
-                       ["LATENT", "IMAGE", "MASK"]),
-    "BFSExtractForeground": ({"bfs_model": "BFS_MODEL", "composite": "IMAGE", "background": "IMAGE", "mask": "MASK",
-                              "positive": "CONDITIONING", "vae": "VAE"}, ["LATENT", "IMAGE", "MASK"]),
-    "BFSRGBADecode": ({"rgba_vae": "BFS_RGBA_VAE", "foreground": "LATENT", "vae": "VAE", "tta": "BOOLEAN"},
-                      ["IMAGE", "MASK"]),
+    "BFSBG2FGSample": (
+        {
+            "bfs_model": "BFS_MODEL",
+            "background": "IMAGE",
+            "mask": "MASK",
+            "positive": "CONDITIONING",
+            "vae": "VAE",
+            "seed": "INT",
+            "steps": "INT",
+            "guidance": "FLOAT",
+            "short_side": "INT",
+        },
+        ["LATENT", "IMAGE", "MASK"],
+    ),
+    "BFSExtractForeground": (
+        {
+            "bfs_model": "BFS_MODEL",
+            "composite": "IMAGE",
+            "background": "IMAGE",
+            "mask": "MASK",
+            "positive": "CONDITIONING",
+            "vae": "VAE",
+        },
+        ["LATENT", "IMAGE", "MASK"],
+    ),
+    "BFSRGBADecode": (
+        {"rgba_vae": "BFS_RGBA_VAE", "foreground": "LATENT", "vae": "VAE", "tta": "BOOLEAN"},
+        ["IMAGE", "MASK"],
+    ),
     "BFSCompositeLayer": ({"background": "IMAGE", "layer": "IMAGE", "alpha": "MASK"}, ["IMAGE"]),
     "BFSBoxToMask": ({"image": "IMAGE", "x0": "INT", "y0": "INT", "x1": "INT", "y1": "INT"}, ["MASK"]),
-    "BFSSaveLayers": ({"background": "IMAGE", "layer_1": "IMAGE", "layer_6": "IMAGE", "names": "STRING",
-                       "format": "COMBO", "filename_prefix": "STRING"}, ["STRING"]),
-    "BFSLoadDecomposition": ({"base_model": "COMBO", "weights": "COMBO", "weight_dtype": "COMBO"},
-                             ["BFS_DECOMPOSITION_MODEL"]),
-    "BFSDecomposeLayers": ({"decomposition_model": "BFS_DECOMPOSITION_MODEL", "image": "IMAGE", "mask": "MASK",
-                           "positive": "CONDITIONING", "vae": "VAE", "rgba_vae": "BFS_RGBA_VAE", "edge": "IMAGE",
-                           "segmentation": "IMAGE", "depth": "IMAGE", "seed": "INT"}, ["IMAGE", "MASK", "IMAGE"]),
+    "BFSSaveLayers": (
+        {
+            "background": "IMAGE",
+            "layer_1": "IMAGE",
+            "layer_6": "IMAGE",
+            "names": "STRING",
+            "format": "COMBO",
+            "filename_prefix": "STRING",
+        },
+        ["STRING"],
+    ),
+    "BFSLoadDecomposition": (
+        {"base_model": "COMBO", "weights": "COMBO", "weight_dtype": "COMBO"},
+        ["BFS_DECOMPOSITION_MODEL"],
+    ),
+    "BFSDecomposeLayers": (
+        {
+            "decomposition_model": "BFS_DECOMPOSITION_MODEL",
+            "image": "IMAGE",
+            "mask": "MASK",
+            "positive": "CONDITIONING",
+            "vae": "VAE",
+            "rgba_vae": "BFS_RGBA_VAE",
+            "edge": "IMAGE",
+            "segmentation": "IMAGE",
+            "depth": "IMAGE",
+            "seed": "INT",
+        },
+        ["IMAGE", "MASK", "IMAGE"],
+    ),
     "BFSLoadToyModel": ({}, ["BFS_MODEL", "VAE", "BFS_RGBA_VAE", "BFS_TOY_TEXT_ENCODER"]),
     "BFSToyTextEncode": ({"text_encoder": "BFS_TOY_TEXT_ENCODER", "text": "COMBO"}, ["CONDITIONING"]),
     "BFSToyBackground": ({"seed": "INT"}, ["IMAGE"]),
-}  # fmt: skip
+}
 WIDTH, HEIGHT = 150, 110  # not a multiple of 64: exercises processing size and paste-back
 
 
@@ -50,9 +95,15 @@ def flux_vae(comfy_models) -> str:
     path = comfy_models / "vae" / "flux_vae_random.safetensors"
     if not path.exists():
         torch.manual_seed(0)
-        vae = AutoencoderKL(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+        vae = AutoencoderKL(
+            latent_channels=16,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
         save_file({k: v.to(torch.bfloat16).contiguous() for k, v in vae.state_dict().items()}, str(path))
     return path.name
 
@@ -61,36 +112,85 @@ def flux_vae(comfy_models) -> str:
 def models(comfy_tiny_models, flux_vae) -> dict[str, str]:
     tiny = comfy_tiny_models
     return {
-        "fill": tiny["bfl_bf16"].name, "fill_scaled_fp8": tiny["bfl_fp8_scaled"].name,
-        "not_fill": tiny["bfl_non_fill"].name, "bfs": tiny["bfs_official_pt"].name,
-        "bfs_paper": tiny["bfs_paper"].name, "vae": flux_vae,
+        "fill": tiny["bfl_bf16"].name,
+        "fill_scaled_fp8": tiny["bfl_fp8_scaled"].name,
+        "not_fill": tiny["bfl_non_fill"].name,
+        "bfs": tiny["bfs_official_pt"].name,
+        "bfs_paper": tiny["bfs_paper"].name,
+        "vae": flux_vae,
         "release_vae": f"{tiny['rgba_bfs_release_folder'].name}/diffusion_pytorch_model.safetensors",
-        "layerdiffuse": tiny["rgba_layerdiffuse_safetensors"].name, "decomposition": tiny["decomposition"].name,
-    }  # fmt: skip
+        "layerdiffuse": tiny["rgba_layerdiffuse_safetensors"].name,
+        "decomposition": tiny["decomposition"].name,
+    }
 
 
-def graph(m, *, steps=2, text="a red cube", image_tokens=0, base=None, bfs=None, rgba=None, width=32, box=None,
-          weight_dtype="fp32", prefix="t/scene") -> dict:  # fmt: skip
+def graph(
+    m,
+    *,
+    steps=2,
+    text="a red cube",
+    image_tokens=0,
+    base=None,
+    bfs=None,
+    rgba=None,
+    width=32,
+    box=None,
+    weight_dtype="fp32",
+    prefix="t/scene",
+) -> dict:
     x0, y0, x1, y1 = box or (40, 30, 110, 100)
     return {
-        "bg": {"class_type": "EmptyImage", "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": 1,
-                                                      "color": 0x6688AA}},
+        "bg": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": 1, "color": 0x6688AA},
+        },
         "box": {"class_type": "BFSBoxToMask", "inputs": {"image": ["bg", 0], "x0": x0, "y0": y0, "x1": x1, "y1": y1}},
-        "model": {"class_type": "BFSLoadModel", "inputs": {"base_model": base or m["fill"], "bfs_weights": bfs or
-                                                           m["bfs"], "weight_dtype": weight_dtype}},
+        "model": {
+            "class_type": "BFSLoadModel",
+            "inputs": {"base_model": base or m["fill"], "bfs_weights": bfs or m["bfs"], "weight_dtype": weight_dtype},
+        },
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": m["vae"]}},
-        "text": {"class_type": "BFSTestConditioning", "inputs": {"text": text, "width": width, "pooled_width": 32,
-                                                                 "text_tokens": 8, "image_tokens": image_tokens}},
-        "sample": {"class_type": "BFSBG2FGSample", "inputs": {"bfs_model": ["model", 0], "background": ["bg", 0],
-                   "mask": ["box", 0], "positive": ["text", 0], "vae": ["vae", 0], "seed": 3, "steps": steps,
-                   "guidance": 30.0, "short_side": 512}},
+        "text": {
+            "class_type": "BFSTestConditioning",
+            "inputs": {
+                "text": text,
+                "width": width,
+                "pooled_width": 32,
+                "text_tokens": 8,
+                "image_tokens": image_tokens,
+            },
+        },
+        "sample": {
+            "class_type": "BFSBG2FGSample",
+            "inputs": {
+                "bfs_model": ["model", 0],
+                "background": ["bg", 0],
+                "mask": ["box", 0],
+                "positive": ["text", 0],
+                "vae": ["vae", 0],
+                "seed": 3,
+                "steps": steps,
+                "guidance": 30.0,
+                "short_side": 512,
+            },
+        },
         "rgba_vae": {"class_type": "BFSLoadRGBAVAE", "inputs": {"rgba_vae": rgba or m["release_vae"]}},
-        "decode": {"class_type": "BFSRGBADecode", "inputs": {"rgba_vae": ["rgba_vae", 0], "foreground": ["sample", 0],
-                                                             "vae": ["vae", 0], "tta": False}},
+        "decode": {
+            "class_type": "BFSRGBADecode",
+            "inputs": {"rgba_vae": ["rgba_vae", 0], "foreground": ["sample", 0], "vae": ["vae", 0], "tta": False},
+        },
         "save_fg": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "t/fg"}},
-        "layers": {"class_type": "BFSSaveLayers", "inputs": {"background": ["bg", 0], "layer_1": ["decode", 0],
-                   "names": "cube", "format": "psd+ora", "filename_prefix": prefix}},
-    }  # fmt: skip
+        "layers": {
+            "class_type": "BFSSaveLayers",
+            "inputs": {
+                "background": ["bg", 0],
+                "layer_1": ["decode", 0],
+                "names": "cube",
+                "format": "psd+ora",
+                "filename_prefix": prefix,
+            },
+        },
+    }
 
 
 def _rgba(comfy, result, node="save_fg") -> np.ndarray:
@@ -142,14 +242,20 @@ def test_sampler_region_is_the_drawn_masks_bounding_box(comfy, models):
     g["empty"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": WIDTH, "height": HEIGHT}}
     g["bar"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 10, "height": 40}}  # x 40..49, y 30..69
     g["foot"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 50, "height": 10}}  # x 40..89, y 60..69
-    g["l1"] = {"class_type": "MaskComposite", "inputs": {"destination": ["empty", 0], "source": ["bar", 0], "x": 40,
-                                                         "y": 30, "operation": "add"}}  # fmt: skip
-    g["l2"] = {"class_type": "MaskComposite", "inputs": {"destination": ["l1", 0], "source": ["foot", 0], "x": 40,
-                                                         "y": 60, "operation": "add"}}  # fmt: skip
+    g["l1"] = {
+        "class_type": "MaskComposite",
+        "inputs": {"destination": ["empty", 0], "source": ["bar", 0], "x": 40, "y": 30, "operation": "add"},
+    }
+    g["l2"] = {
+        "class_type": "MaskComposite",
+        "inputs": {"destination": ["l1", 0], "source": ["foot", 0], "x": 40, "y": 60, "operation": "add"},
+    }
     g["sample"]["inputs"]["mask"] = ["l2", 0]
     g["region_image"] = {"class_type": "MaskToImage", "inputs": {"mask": ["sample", 2]}}
-    g["save_region"] = {"class_type": "SaveImage", "inputs": {"images": ["region_image", 0], "filename_prefix":
-                                                              "t/region"}}  # fmt: skip
+    g["save_region"] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["region_image", 0], "filename_prefix": "t/region"},
+    }
     result = comfy.run(g, timeout=300)
     assert result.ok, result.error
     region = np.asarray(Image.open(comfy.file_path(result.files("save_region")[0])).convert("L"))
@@ -165,8 +271,10 @@ def test_three_additions_by_chaining(comfy, models):
     layers = {}
     for i, box in enumerate(boxes):
         s = f"_{i}"
-        g[f"box{s}"] = {"class_type": "BFSBoxToMask", "inputs": {"image": background, "x0": box[0], "y0": box[1],
-                                                                 "x1": box[2], "y1": box[3]}}  # fmt: skip
+        g[f"box{s}"] = {
+            "class_type": "BFSBoxToMask",
+            "inputs": {"image": background, "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3]},
+        }
         g[f"sample{s}"] = {
             "class_type": "BFSBG2FGSample",
             "inputs": {**g["sample"]["inputs"], "background": background, "mask": [f"box{s}", 0], "seed": 10 + i},
@@ -183,8 +291,13 @@ def test_three_additions_by_chaining(comfy, models):
         layers[f"layer_{i + 1}"] = [f"decode{s}", 0]
     for name in ("box", "sample", "decode", "save_fg"):
         del g[name]
-    g["layers"]["inputs"] = {"background": ["bg", 0], **layers, "names": "chair, plant, cat", "format": "ora",
-                             "filename_prefix": "t/chain"}  # fmt: skip
+    g["layers"]["inputs"] = {
+        "background": ["bg", 0],
+        **layers,
+        "names": "chair, plant, cat",
+        "format": "ora",
+        "filename_prefix": "t/chain",
+    }
     g["final"] = {"class_type": "SaveImage", "inputs": {"images": background, "filename_prefix": "t/chain_final"}}
     result = comfy.run(g, timeout=600)
     assert result.ok, result.error
@@ -233,8 +346,14 @@ def test_one_model_feeding_two_samplers_is_not_altered(comfy, models):
 
 
 def test_other_weight_formats_and_decoders(comfy, models):
-    g = graph(models, base=models["fill_scaled_fp8"], bfs=models["bfs_paper"], rgba=models["layerdiffuse"],
-              weight_dtype="fp8_e4m3fn", prefix="t/formats")  # fmt: skip
+    g = graph(
+        models,
+        base=models["fill_scaled_fp8"],
+        bfs=models["bfs_paper"],
+        rgba=models["layerdiffuse"],
+        weight_dtype="fp8_e4m3fn",
+        prefix="t/formats",
+    )
     result = comfy.run(g, timeout=300)
     assert result.ok, result.error
     assert _rgba(comfy, result).shape == (HEIGHT, WIDTH, 4)
@@ -266,9 +385,13 @@ def test_bad_inputs_get_clear_errors_and_the_server_keeps_serving(comfy, models,
         g["decode"]["inputs"]["foreground"] = ["sd", 0]
     result = comfy.run(g, timeout=300)
     assert result.status == "error" and message in result.error.exception_message, result.error
-    ok = comfy.run({"a": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
-                                                                 "color": 0}},
-                    "b": {"class_type": "PreviewImage", "inputs": {"images": ["a", 0]}}}, timeout=60)  # fmt: skip
+    ok = comfy.run(
+        {
+            "a": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "b": {"class_type": "PreviewImage", "inputs": {"images": ["a", 0]}},
+        },
+        timeout=60,
+    )
     assert ok.ok
 
 
@@ -293,14 +416,30 @@ def test_interrupt_stops_sampling_promptly(comfy, models):
 def test_decompose_layers(comfy, models):
     g = graph(models)
     g = {k: g[k] for k in ("bg", "box", "vae", "text", "rgba_vae")}
-    g["depth"] = {"class_type": "EmptyImage", "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": 1,
-                                                        "color": 0x808080}}  # fmt: skip
-    g["model"] = {"class_type": "BFSLoadDecomposition", "inputs": {"base_model": models["fill"],
-                  "weights": models["decomposition"], "weight_dtype": "fp32"}}  # fmt: skip
-    g["decompose"] = {"class_type": "BFSDecomposeLayers", "inputs": {
-        "decomposition_model": ["model", 0], "image": ["bg", 0], "mask": ["box", 0], "positive": ["text", 0],
-        "vae": ["vae", 0], "rgba_vae": ["rgba_vae", 0], "depth": ["depth", 0], "seed": 0, "steps": 2,
-        "guidance": 30.0, "short_side": 512}}  # fmt: skip
+    g["depth"] = {
+        "class_type": "EmptyImage",
+        "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": 1, "color": 0x808080},
+    }
+    g["model"] = {
+        "class_type": "BFSLoadDecomposition",
+        "inputs": {"base_model": models["fill"], "weights": models["decomposition"], "weight_dtype": "fp32"},
+    }
+    g["decompose"] = {
+        "class_type": "BFSDecomposeLayers",
+        "inputs": {
+            "decomposition_model": ["model", 0],
+            "image": ["bg", 0],
+            "mask": ["box", 0],
+            "positive": ["text", 0],
+            "vae": ["vae", 0],
+            "rgba_vae": ["rgba_vae", 0],
+            "depth": ["depth", 0],
+            "seed": 0,
+            "steps": 2,
+            "guidance": 30.0,
+            "short_side": 512,
+        },
+    }
     g["save_fg"] = {"class_type": "SaveImage", "inputs": {"images": ["decompose", 0], "filename_prefix": "t/dfg"}}
     g["save_bg"] = {"class_type": "SaveImage", "inputs": {"images": ["decompose", 2], "filename_prefix": "t/dbg"}}
     result = comfy.run(g, timeout=300)

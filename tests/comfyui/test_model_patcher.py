@@ -23,8 +23,13 @@ REPO = HERE.parents[1]
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("patcher_tiny")
-    subprocess.run([sys.executable, "-m", "bfs_core", "make-tiny", str(out)], cwd=REPO, check=True,
-                   capture_output=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "bfs_core", "make-tiny", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     return out
 
 
@@ -48,8 +53,11 @@ def test_model_survives_comfyui_memory_management(case, tiny_set, tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, str(HERE / "model_patcher_check.py"), comfy_dir, str(tiny_set), case, str(out)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert out.exists(), f"the check did not finish (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     result = json.loads(out.read_text())
     assert result["error"] is None, result["error"]

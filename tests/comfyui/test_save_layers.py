@@ -48,13 +48,16 @@ def _upload(comfy, tmp_path, name: str, array: np.ndarray) -> str:
 
 def _rgba_input(graph: dict, comfy, tmp_path, name: str, array: np.ndarray) -> list:
     graph[f"load_{name}"] = {"class_type": "LoadImage", "inputs": {"image": _upload(comfy, tmp_path, name, array)}}
-    graph[name] = {"class_type": "JoinImageWithAlpha", "inputs": {"image": [f"load_{name}", 0],
-                                                                  "alpha": [f"load_{name}", 1]}}  # fmt: skip
+    graph[name] = {
+        "class_type": "JoinImageWithAlpha",
+        "inputs": {"image": [f"load_{name}", 0], "alpha": [f"load_{name}", 1]},
+    }
     return [name, 0]
 
 
-def _graph(comfy, tmp_path, layers: dict[str, list[np.ndarray]], names: str, fmt: str, prefix: str,
-           backgrounds: int = 1) -> dict:  # fmt: skip
+def _graph(
+    comfy, tmp_path, layers: dict[str, list[np.ndarray]], names: str, fmt: str, prefix: str, backgrounds: int = 1
+) -> dict:
     """`layers`: slot -> the batch items for that slot (several are joined with ImageBatch)."""
     g: dict = {}
     bg = _background()
@@ -67,8 +70,10 @@ def _graph(comfy, tmp_path, layers: dict[str, list[np.ndarray]], names: str, fmt
     for slot, items in layers.items():
         batch = _rgba_input(g, comfy, tmp_path, f"{slot}_0", items[0])
         for k, item in enumerate(items[1:], 1):
-            g[f"{slot}_batch{k}"] = {"class_type": "ImageBatch", "inputs": {
-                "image1": batch, "image2": _rgba_input(g, comfy, tmp_path, f"{slot}_{k}", item)}}  # fmt: skip
+            g[f"{slot}_batch{k}"] = {
+                "class_type": "ImageBatch",
+                "inputs": {"image1": batch, "image2": _rgba_input(g, comfy, tmp_path, f"{slot}_{k}", item)},
+            }
             batch = [f"{slot}_batch{k}", 0]
         inputs[slot] = batch
     g["save"] = {"class_type": "BFSSaveLayers", "inputs": inputs}
@@ -176,8 +181,10 @@ def test_mismatched_batches_are_refused_naming_the_inputs(comfy, tmp_path, backg
 def test_composite_layer_takes_a_batch_of_layers_over_one_background(comfy, tmp_path):
     items = [_layer(0), _layer(1)]
     g = _graph(comfy, tmp_path, {"layer_1": items}, "x", "psd", "sl/composite")
-    g["comp"] = {"class_type": "BFSCompositeLayer", "inputs": {"background": ["load_bg", 0], "layer": g["save"][
-        "inputs"]["layer_1"]}}  # fmt: skip
+    g["comp"] = {
+        "class_type": "BFSCompositeLayer",
+        "inputs": {"background": ["load_bg", 0], "layer": g["save"]["inputs"]["layer_1"]},
+    }
     g["out"] = {"class_type": "SaveImage", "inputs": {"images": ["comp", 0], "filename_prefix": "sl/composite_png"}}
     del g["save"]
     result = comfy.run(g, timeout=120)
@@ -191,8 +198,10 @@ def test_composite_layer_takes_a_batch_of_layers_over_one_background(comfy, tmp_
 
 def test_composite_layer_refuses_mismatched_batches_naming_them(comfy, tmp_path):
     g = _graph(comfy, tmp_path, {"layer_1": [_layer(0)] * 3}, "x", "psd", "sl/composite_bad", backgrounds=2)
-    g["comp"] = {"class_type": "BFSCompositeLayer", "inputs": {"background": g["save"]["inputs"]["background"],
-                                                               "layer": g["save"]["inputs"]["layer_1"]}}  # fmt: skip
+    g["comp"] = {
+        "class_type": "BFSCompositeLayer",
+        "inputs": {"background": g["save"]["inputs"]["background"], "layer": g["save"]["inputs"]["layer_1"]},
+    }
     g["out"] = {"class_type": "SaveImage", "inputs": {"images": ["comp", 0], "filename_prefix": "sl/composite_bad"}}
     del g["save"]
     result = comfy.run(g, timeout=120)

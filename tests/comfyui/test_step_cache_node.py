@@ -9,8 +9,17 @@ from safetensors.torch import load_file
 
 
 def _graph(cache_threshold, prefix: str) -> dict:
-    sample_inputs = {"bfs_model": ["toy", 0], "background": ["bg", 0], "mask": ["box", 0], "positive": ["text", 0],
-                     "vae": ["toy", 1], "seed": 11, "steps": 12, "guidance": 30.0, "short_side": 512}  # fmt: skip
+    sample_inputs = {
+        "bfs_model": ["toy", 0],
+        "background": ["bg", 0],
+        "mask": ["box", 0],
+        "positive": ["text", 0],
+        "vae": ["toy", 1],
+        "seed": 11,
+        "steps": 12,
+        "guidance": 30.0,
+        "short_side": 512,
+    }
     if cache_threshold is not None:
         sample_inputs["cache_threshold"] = cache_threshold
     return {

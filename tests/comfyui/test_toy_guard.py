@@ -16,20 +16,43 @@ def _graph(box, width=W, height=H) -> dict:
     x0, y0, x1, y1 = box
     return {
         "bg64": {"class_type": "BFSToyBackground", "inputs": {"seed": 3}},
-        "bg": {"class_type": "ImageScale", "inputs": {"image": ["bg64", 0], "upscale_method": "bicubic",
-                                                      "width": width, "height": height, "crop": "disabled"}},
+        "bg": {
+            "class_type": "ImageScale",
+            "inputs": {
+                "image": ["bg64", 0],
+                "upscale_method": "bicubic",
+                "width": width,
+                "height": height,
+                "crop": "disabled",
+            },
+        },
         "toy": {"class_type": "BFSLoadToyModel", "inputs": {}},
         "text": {"class_type": "BFSToyTextEncode", "inputs": {"text_encoder": ["toy", 3], "text": "a red cube"}},
         "box": {"class_type": "BFSBoxToMask", "inputs": {"image": ["bg", 0], "x0": x0, "y0": y0, "x1": x1, "y1": y1}},
-        "sample": {"class_type": "BFSBG2FGSample", "inputs": {"bfs_model": ["toy", 0], "background": ["bg", 0],
-                   "mask": ["box", 0], "positive": ["text", 0], "vae": ["toy", 1], "seed": 0, "steps": 4,
-                   "guidance": 30.0, "short_side": 512}},
-        "decode": {"class_type": "BFSRGBADecode", "inputs": {"rgba_vae": ["toy", 2], "foreground": ["sample", 0],
-                                                             "tta": False}},
+        "sample": {
+            "class_type": "BFSBG2FGSample",
+            "inputs": {
+                "bfs_model": ["toy", 0],
+                "background": ["bg", 0],
+                "mask": ["box", 0],
+                "positive": ["text", 0],
+                "vae": ["toy", 1],
+                "seed": 0,
+                "steps": 4,
+                "guidance": 30.0,
+                "short_side": 512,
+            },
+        },
+        "decode": {
+            "class_type": "BFSRGBADecode",
+            "inputs": {"rgba_vae": ["toy", 2], "foreground": ["sample", 0], "tta": False},
+        },
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "toy_guard/fg"}},
-        "save_comp": {"class_type": "SaveImage", "inputs": {"images": ["sample", 1],
-                                                            "filename_prefix": "toy_guard/comp"}},
-    }  # fmt: skip
+        "save_comp": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["sample", 1], "filename_prefix": "toy_guard/comp"},
+        },
+    }
 
 
 def _size(comfy, result, node) -> tuple[int, int]:
@@ -91,8 +114,10 @@ def test_the_warning_is_shown_on_the_node_in_the_frontend(comfy):
                     texts.append((msg.data[8 : 8 + length].decode(), msg.data[8 + length :].decode()))
                 elif msg.type == aiohttp.WSMsgType.TEXT:
                     event = json.loads(msg.data)
-                    if event["type"] in ("execution_success", "execution_error") and \
-                            event["data"].get("prompt_id") == prompt_id:  # fmt: skip
+                    if (
+                        event["type"] in ("execution_success", "execution_error")
+                        and event["data"].get("prompt_id") == prompt_id
+                    ):
                         return texts
                 elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                     raise AssertionError(f"websocket ended: {msg}")

@@ -29,10 +29,18 @@ def stock_workflow() -> dict:
 
     def node(id_, type_, inputs=(), outputs=(), widgets=(), mode=0):
         return {
-            "id": id_, "type": type_, "pos": [id_ * 320, 100], "size": [300, 120], "flags": {}, "order": id_ - 1,
-            "mode": mode, "inputs": list(inputs), "outputs": list(outputs), "properties": {"Node name for S&R": type_},
+            "id": id_,
+            "type": type_,
+            "pos": [id_ * 320, 100],
+            "size": [300, 120],
+            "flags": {},
+            "order": id_ - 1,
+            "mode": mode,
+            "inputs": list(inputs),
+            "outputs": list(outputs),
+            "properties": {"Node name for S&R": type_},
             "widgets_values": list(widgets),
-        }  # fmt: skip
+        }
 
     return {
         "last_node_id": 5,
