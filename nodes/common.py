@@ -9,9 +9,11 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
 import torch
+from comfy_api.latest import io
 
 from ..bfs_core.finite import check_finite
 from ..bfs_core.layer_math import box_from_mask, mask_from_box
+from ..bfs_core.sampling.step_cache import FAST_THRESHOLD
 
 
 logger = logging.getLogger(__name__)
@@ -176,10 +178,6 @@ def combo_value(enum_cls, value, name: str):
 
 
 def cache_threshold_input():
-    from comfy_api.latest import io
-
-    from ..bfs_core.sampling.step_cache import FAST_THRESHOLD
-
     return io.Float.Input(
         "cache_threshold",
         default=0.0,

@@ -73,36 +73,16 @@ def _outputs() -> list:
     ]
 
 
-def _run(
-    model,
-    vae,
-    positive,
-    seed,
-    steps,
-    guidance,
-    short_side,
-    background,
-    mask,
-    composite=None,
-    node_id=None,
-    cache_threshold=0.0,
-):
+def _run(model, vae, positive, background, mask, composite=None, node_id=None, **sampling):
+    """`sampling`: the widgets of `_common_inputs` (seed, steps, guidance, short_side, cache_threshold when given)."""
     background = image_to_core(background, "background")
     size = (background.shape[-1], background.shape[-2])
     region = bounding_box_masks(mask_to_core(mask, "mask", size))
     composite = None if composite is None else image_to_core(composite, "composite")
     embeds, pooled = flux_text(positive)
     pipe = BFSPipeline(model.load(), ComfyFluxVAE(vae), model.scheduler_config)
-    callback, interrupt = progress(steps)
-    common = dict(
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        short_side=short_side,
-        callback=callback,
-        interrupt=interrupt,
-        cache_threshold=cache_threshold,
-    )
+    callback, interrupt = progress(sampling["steps"])
+    common = dict(sampling, callback=callback, interrupt=interrupt)
     messages = []
     if isinstance(model, ToyModelHandle):  # the toy maps any image into its 64×64 world and back, and warns
         run = run_toy(pipe, background, region, embeds, pooled, composite, **common)
@@ -149,22 +129,8 @@ class BG2FGSample(io.ComfyNode):
         )
 
     @classmethod
-    def execute(
-        cls, bfs_model, background, mask, positive, vae, seed, steps, guidance, short_side, cache_threshold=0.0
-    ) -> io.NodeOutput:
-        return _run(
-            bfs_model,
-            vae,
-            positive,
-            seed,
-            steps,
-            guidance,
-            short_side,
-            background,
-            mask,
-            node_id=cls.hidden.unique_id,
-            cache_threshold=cache_threshold,
-        )
+    def execute(cls, bfs_model, background, mask, positive, vae, **sampling) -> io.NodeOutput:
+        return _run(bfs_model, vae, positive, background, mask, node_id=cls.hidden.unique_id, **sampling)
 
 
 class ExtractForeground(io.ComfyNode):
@@ -190,39 +156,13 @@ class ExtractForeground(io.ComfyNode):
         )
 
     @classmethod
-    def execute(
-        cls,
-        bfs_model,
-        composite,
-        background,
-        mask,
-        positive,
-        vae,
-        seed,
-        steps,
-        guidance,
-        short_side,
-        cache_threshold=0.0,
-    ):
+    def execute(cls, bfs_model, composite, background, mask, positive, vae, **sampling) -> io.NodeOutput:
         if composite.shape != background.shape:
             raise ValueError(
                 f"`composite` {list(composite.shape)} and `background` {list(background.shape)} must "
                 "have the same size: the composite is the background with the object added."
             )
-        return _run(
-            bfs_model,
-            vae,
-            positive,
-            seed,
-            steps,
-            guidance,
-            short_side,
-            background,
-            mask,
-            composite,
-            node_id=cls.hidden.unique_id,
-            cache_threshold=cache_threshold,
-        )
+        return _run(bfs_model, vae, positive, background, mask, composite, cls.hidden.unique_id, **sampling)
 
 
 class SamplingNodes(ComfyExtension):

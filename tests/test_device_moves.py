@@ -26,6 +26,7 @@ from bfs_core.models.dual_flux import DualBranchFlux, JointAttention, store_weig
 from bfs_core.models.flux_fill_loading import load_flux_fill_transformer
 from bfs_core.sampling.flow_match import latent_image_ids
 from bfs_core.tiny import write_tiny_set
+from bfs_core.tiny.flux import dual_inputs
 
 
 BF16_REL_TOL = 0.08
@@ -62,25 +63,13 @@ class Case:
     build: Callable[[torch.dtype], object]
     run: Callable[[object, torch.device, torch.dtype], tuple[torch.Tensor, ...]]
     rel_tol: float = BF16_REL_TOL
-    fp32_reference: bool = True  # False where the bf16 build has no fp32 twin (fp8 storage compares to fp32 below)
+    # fp8 storage is a bf16-only build: its fp32 reference is the same weights loaded without it (this case).
+    fp32_twin: Case | None = None
 
 
 # -- the dual-branch BFS model, from every weight format ------------------------------------------------------------
-def _bfs_inputs(transformer, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    cfg = transformer.config
-    h = w = 8
-    length = (h // 2) * (w // 2)
-    return dict(
-        comp_latents=_randn(1, length, 64, gen=gen),
-        fg_latents=_randn(1, length, 64, gen=gen),
-        fill_cond=_randn(1, length, cfg.in_channels - 64, gen=gen),
-        prompt_embeds=_randn(1, 6, cfg.joint_attention_dim, gen=gen),
-        pooled=_randn(1, cfg.pooled_projection_dim, gen=gen),
-        timestep_comp=torch.tensor([0.7]),
-        timestep_fg=torch.tensor([0.4]),
-        img_ids=latent_image_ids(h, w),
-    )
+def _bfs_inputs(transformer):
+    return dual_inputs(width=transformer.config.joint_attention_dim)
 
 
 def _run_bfs(model: DualBranchFlux, device, dtype):
@@ -99,7 +88,9 @@ def _bfs_case(tiny_key: str, bfs_key: str, fp8: bool = False) -> Case:
             store_weights_in_fp8(transformer, compute_dtype=compute)
         return dual
 
-    return Case(build, _run_bfs, rel_tol=FP8_REL_TOL if fp8 else BF16_REL_TOL)
+    if fp8:
+        return Case(build, _run_bfs, rel_tol=FP8_REL_TOL, fp32_twin=_bfs_case(tiny_key, bfs_key))
+    return Case(build, _run_bfs)
 
 
 # -- the decomposition model ----------------------------------------------------------------------------------------
@@ -282,10 +273,9 @@ def _modules(model) -> list[torch.nn.Module]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_model_runs_on_another_device_after_the_move(name):
     case = CASES[name]
-    model = case.build(torch.float32 if not name.endswith("fp8 storage") else torch.bfloat16)
-    dtype = next(_modules(model)[0].parameters()).dtype
-    dtype = torch.bfloat16 if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else dtype
-    cpu_out = case.run(model, torch.device("cpu"), torch.float32 if dtype == torch.float32 else torch.bfloat16)
+    dtype = torch.bfloat16 if case.fp32_twin else torch.float32
+    model = case.build(dtype)
+    cpu_out = case.run(model, torch.device("cpu"), dtype)
     _move(model, META)
     left = [
         f"{type(module).__name__}.{n}"
@@ -294,7 +284,7 @@ def test_model_runs_on_another_device_after_the_move(name):
         if t.device != META
     ]
     assert not left, f"{name}: tensors not moved with the model: {left[:5]}"
-    meta_out = case.run(model, META, torch.float32 if dtype == torch.float32 else torch.bfloat16)
+    meta_out = case.run(model, META, dtype)
     assert len(meta_out) == len(cpu_out)
     for m, c in zip(meta_out, cpu_out):
         assert m.device == META and m.shape == c.shape
@@ -342,14 +332,8 @@ def _plain_fill_bf16_error(tiny_key: str) -> float:
 @pytest.mark.parametrize("name", list(CASES))
 def test_bf16_load_matches_fp32_within_tolerance(name):
     case = CASES[name]
-    fp8 = name.endswith("fp8 storage")
-    if fp8:
-        # fp8 storage is a bf16-compute build: its reference is the same weights loaded in fp32 without it.
-        base_key = "bfs_official_pt" if "official" in name else "bfs_paper"
-        ref_model = _bfs_case("diffusers", base_key).build(torch.float32)
-        reference = _run_bfs(ref_model, torch.device("cpu"), torch.float32)
-    else:
-        reference = case.run(case.build(torch.float32), torch.device("cpu"), torch.float32)
+    reference_case = case.fp32_twin or case
+    reference = reference_case.run(reference_case.build(torch.float32), torch.device("cpu"), torch.float32)
     low = case.run(case.build(torch.bfloat16), torch.device("cpu"), torch.bfloat16)
     errors = [_rel_err(a, b) for a, b in zip(low, reference)]
     tolerance = case.rel_tol
