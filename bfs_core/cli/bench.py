@@ -33,16 +33,13 @@ def run(args) -> int:
 def toy_fast_fraction(steps: int = 50) -> float:
     """Share of full transformer evaluations with the `fast` step-cache setting at `steps` steps, measured on the toy
     model over a few held-out scenes (the random bench weights have no meaningful step-to-step behaviour)."""
-    import torch
 
     from bfs_core.sampling.step_cache import FAST_THRESHOLD
     from bfs_core.toy.evaluate import heldout_scenes, predict
     from bfs_core.toy.models import load_toy
 
-    threads = torch.get_num_threads()
     pipe, rgba = load_toy()
     preds = predict(pipe, rgba, heldout_scenes(4), steps=steps, cache_threshold=FAST_THRESHOLD)
-    torch.set_num_threads(threads)
     fraction = preds.full_evaluations / preds.transformer_calls
     print(f"fast setting (cache_threshold={FAST_THRESHOLD}): {fraction:.3f} of {steps} steps run every block (toy)")
     return fraction

@@ -31,10 +31,6 @@ class StepCacheStats:
     calls: int = 0
     full_evaluations: int = 0
 
-    @property
-    def saved(self) -> int:
-        return self.calls - self.full_evaluations
-
 
 def parse_cache_threshold(value: str | float, name: str = "cache_threshold") -> float:
     """A number >= 0, or `fast` for `FAST_THRESHOLD` (the CLI's and the nodes' spelling); `name` is the input's."""
