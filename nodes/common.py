@@ -9,7 +9,6 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
 import torch
-from comfy_api.latest import io
 
 from ..bfs_core.finite import check_finite
 from ..bfs_core.layer_math import box_from_mask, mask_from_box
@@ -178,6 +177,8 @@ def combo_value(enum_cls, value, name: str):
 
 
 def cache_threshold_input():
+    from comfy_api.latest import io  # here, not at the top: bfs_core-level tests import this module without ComfyUI
+
     return io.Float.Input(
         "cache_threshold",
         default=0.0,
