@@ -269,6 +269,51 @@ def paste_crop(image: torch.Tensor, crop: torch.Tensor, crop_box: Sequence[int])
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# imperfect masks (as users draw them: the decomposition paper trains on them; training/ and bfs_core/toy use these)
+
+
+def shift_without_wrap(m: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """`m` [..., H, W] moved down by `dy` and right by `dx` pixels (negative: up / left), zeros shifted in."""
+    height, width = m.shape[-2:]
+    out = torch.zeros_like(m)
+    if abs(dy) >= height or abs(dx) >= width:
+        return out
+    out[..., max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = m[
+        ..., max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
+    ]
+    return out
+
+
+def imperfect_mask(
+    mask: torch.Tensor,
+    generator: torch.Generator,
+    dilate_px: int = 8,
+    erode_px: int = 4,
+    jitter_px: int = 4,
+    probability: float = 0.8,
+) -> torch.Tensor:
+    """Spoil binary masks [N, 1, H, W] as the paper trains with: per sample (with `probability`) a random dilation
+    (up to `dilate_px`) or erosion (up to `erode_px`), then a random shift of up to `jitter_px` pixels (what leaves
+    the image is dropped and the uncovered edge is empty: nothing wraps around to the opposite side)."""
+    out = []
+    for m in mask.float():
+        draw = torch.rand(4, generator=generator)
+        if draw[0] < probability:
+            if draw[1] < 0.5 and dilate_px > 0:
+                r = int(torch.randint(1, dilate_px + 1, (1,), generator=generator))
+                m = F.max_pool2d(m[None], 2 * r + 1, 1, r)[0]
+            elif erode_px > 0:
+                r = int(torch.randint(1, erode_px + 1, (1,), generator=generator))
+                eroded = -F.max_pool2d(-m[None], 2 * r + 1, 1, r)[0]
+                m = eroded if eroded.any() else m  # never erase a small object entirely
+            if jitter_px > 0:
+                dy, dx = (int(v) for v in torch.randint(-jitter_px, jitter_px + 1, (2,), generator=generator))
+                m = shift_without_wrap(m, dy, dx)
+        out.append(m)
+    return torch.stack(out)
+
+
 __all__ = [
     "Box",
     "alpha_blend",
@@ -279,6 +324,7 @@ __all__ = [
     "crop_around_box",
     "dilate_mask",
     "expand_box",
+    "imperfect_mask",
     "mask_from_box",
     "over",
     "over_premultiplied",
@@ -290,6 +336,7 @@ __all__ = [
     "resize_rgba",
     "rgba_from_shadowed_renders",
     "shadowed_foreground_color",
+    "shift_without_wrap",
     "split_rgba",
     "uncrop_layer",
     "unpremultiply",

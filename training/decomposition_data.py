@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from bfs_core.atomic import atomic_path, atomic_write_text
-from bfs_core.layer_math import box_from_mask, composite_stack
+from bfs_core.layer_math import box_from_mask, composite_stack, imperfect_mask, shift_without_wrap  # noqa: F401
 
 
 logger = logging.getLogger(__name__)
@@ -112,47 +111,6 @@ def compose_sample(
         "composite": composite_stack([base, *placed])[:3],
         "mask": (visible > 0.5).float(),
     }
-
-
-def shift_without_wrap(m: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """`m` [..., H, W] moved down by `dy` and right by `dx` pixels (negative: up / left), zeros shifted in."""
-    height, width = m.shape[-2:]
-    out = torch.zeros_like(m)
-    if abs(dy) >= height or abs(dx) >= width:
-        return out
-    out[..., max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = m[
-        ..., max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
-    ]
-    return out
-
-
-def imperfect_mask(
-    mask: torch.Tensor,
-    generator: torch.Generator,
-    dilate_px: int = 8,
-    erode_px: int = 4,
-    jitter_px: int = 4,
-    probability: float = 0.8,
-) -> torch.Tensor:
-    """Spoil binary masks [N, 1, H, W] as the paper trains with: per sample (with `probability`) a random dilation
-    (up to `dilate_px`) or erosion (up to `erode_px`), then a random shift of up to `jitter_px` pixels (what leaves
-    the image is dropped and the uncovered edge is empty: nothing wraps around to the opposite side)."""
-    out = []
-    for m in mask.float():
-        draw = torch.rand(4, generator=generator)
-        if draw[0] < probability:
-            if draw[1] < 0.5 and dilate_px > 0:
-                r = int(torch.randint(1, dilate_px + 1, (1,), generator=generator))
-                m = F.max_pool2d(m[None], 2 * r + 1, 1, r)[0]
-            elif erode_px > 0:
-                r = int(torch.randint(1, erode_px + 1, (1,), generator=generator))
-                eroded = -F.max_pool2d(-m[None], 2 * r + 1, 1, r)[0]
-                m = eroded if eroded.any() else m  # never erase a small object entirely
-            if jitter_px > 0:
-                dy, dx = (int(v) for v in torch.randint(-jitter_px, jitter_px + 1, (2,), generator=generator))
-                m = shift_without_wrap(m, dy, dx)
-        out.append(m)
-    return torch.stack(out)
 
 
 def _images(folder: str, pattern: str, what: str) -> list[Path]:
