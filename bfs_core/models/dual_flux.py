@@ -141,14 +141,26 @@ _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _param_dtype(like: torch.Tensor) -> torch.dtype:
-    """New BFS parameters take the base weights' dtype, except fp8 storage: adapters are kept in bf16."""
+    """New BFS parameters take the base weights' dtype, except fp8 and GGUF storage: adapters are kept in bf16 (GGUF:
+    its compute dtype)."""
+    if getattr(like, "quant_type", None) is not None:  # a GGUF-quantised base weight (see models/gguf.py)
+        return getattr(like, "compute_dtype", torch.bfloat16)
     return torch.bfloat16 if like.dtype in _FP8 else like.dtype
 
 
+def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A base weight as a plain `dtype` tensor: upcast from fp8, or dequantised from GGUF blocks (models/gguf.py)."""
+    if getattr(weight, "quant_type", None) is not None:
+        from .gguf import dequantize_weight
+
+        return dequantize_weight(weight, dtype)
+    return weight.to(dtype)
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear that upcasts weights stored in another dtype (fp8 storage, see `store_weights_in_fp8`)."""
+    """F.linear that upcasts weights stored in another dtype (fp8 storage, see `store_weights_in_fp8`; GGUF blocks)."""
     if weight.dtype != x.dtype:
-        weight = weight.to(x.dtype)
+        weight = _dense(weight, x.dtype)
         bias = None if bias is None else bias.to(x.dtype)
     return F.linear(x, weight, bias)
 
@@ -371,7 +383,7 @@ class JointAttention(nn.Module):
         w_post = self.post.weight.float()
         dtype, device = self.post.weight.dtype, self.post.weight.device
         with torch.no_grad():
-            self.folded_weight = (w_post @ out.weight.float().to(device)).to(dtype)
+            self.folded_weight = (w_post @ _dense(out.weight, torch.float32).to(device)).to(dtype)
             self.folded_bias = None if out.bias is None else (w_post @ out.bias.float().to(device)).to(dtype)
             self.folded_lora_B_comp = (w_post @ self.to_out.lora_B["comp"].weight.float()).to(dtype)
             self.folded_lora_B_fg = (w_post @ self.to_out.lora_B["fg"].weight.float()).to(dtype)
@@ -557,8 +569,10 @@ def patch_dual_branch(transformer: FluxTransformer2DModel, config: DualBranchCon
     if config.content_rank > 0:
         for path in _content_targets(transformer):
             linear = _module(transformer, path)
-            if type(linear) is not nn.Linear:
+            gguf = isinstance(linear, nn.Linear) and getattr(linear.weight, "quant_type", None) is not None
+            if type(linear) is not nn.Linear and not gguf:
                 raise ValueError(f"Expected a plain nn.Linear at `{path}` but found {type(linear).__name__}.")
+            linear._bfs_base_class = type(linear)  # nn.Linear, or diffusers' GGUFLinear on a GGUF base
             linear.__class__ = BranchLoRALinear
             linear._init_branch_lora(
                 linear.in_features, linear.out_features, config.content_rank, config.content_alpha, linear.weight
@@ -589,7 +603,7 @@ def unpatch_dual_branch(transformer: FluxTransformer2DModel) -> FluxTransformer2
     for module in transformer.modules():
         if isinstance(module, BranchLoRALinear):
             del module.lora_A, module.lora_B, module.lora_scale
-            module.__class__ = nn.Linear
+            module.__class__ = module.__dict__.pop("_bfs_base_class", nn.Linear)
     for _, block in _joint_blocks(transformer, "all"):
         if hasattr(block, "joint"):
             processor = block.attn.get_processor()
@@ -734,8 +748,8 @@ class DualBranchFlux(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype (with fp8 weight storage the embedders stay in it)."""
-        return self.transformer.x_embedder.weight.dtype
+        """The compute dtype (with fp8 weight storage the embedders stay in it; GGUF weights carry it)."""
+        return _param_dtype(self.transformer.x_embedder.weight)
 
     @property
     def device(self) -> torch.device:
