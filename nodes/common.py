@@ -11,7 +11,7 @@ import comfy.utils
 import torch
 
 from ..bfs_core.finite import check_finite
-from ..bfs_core.layer_math import box_from_mask, mask_from_box
+from ..bfs_core.layer_math import box_from_mask, clamp_box, mask_from_box
 from ..bfs_core.sampling.step_cache import FAST_THRESHOLD
 
 
@@ -57,6 +57,66 @@ def bounding_box_masks(mask: torch.Tensor) -> torch.Tensor:
             raise ValueError("The region `mask` is empty: paint or box the area where the foreground should go.")
         boxes.append(mask_from_box(box_from_mask(m), height, width))
     return torch.stack(boxes)[:, None]
+
+
+# -- the region: a connected mask, or the box drawn on the node -------------------------------------------------------
+def box_region(box: tuple[int, int, int, int], height: int, width: int) -> torch.Tensor:
+    """(x0, y0, x1, y1) in pixels -> [H, W] mask, the box clipped to the image (Box to Mask and the box widgets)."""
+    x0, y0, x1, y1 = box
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"The box ({x0}, {y0}, {x1}, {y1}) is empty: x1 must exceed x0 and y1 must exceed y0.")
+    return mask_from_box(clamp_box(box, height, width), height, width)
+
+
+def parse_box(text: str, name: str = "box") -> tuple[int, int, int, int] | None:
+    """A box widget's value "x,y,w,h" (image pixels, what the node's box editor stores) -> (x0, y0, x1, y1).
+
+    "" (nothing drawn yet) -> None."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"`{name}` must be 'x,y,w,h' (four whole numbers, image pixels) but got {text!r}. Drag a box on the "
+            "node's background or type the four numbers."
+        ) from None
+    return x, y, x + w, y + h
+
+
+def region_from_inputs(mask, box: str, size: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
+    """The region as [B, 1, H, W] masks and notes for the node: a connected `mask` wins over the drawn `box`."""
+    if mask is not None:
+        drawn = isinstance(box, str) and box.strip()
+        note = ["A mask is connected, so it is the region: the drawn box is not used."] if drawn else []
+        return mask_to_core(mask, "mask", size), note
+    drawn = parse_box(box)
+    if drawn is None:
+        raise ValueError("No region: connect a `mask` or drag a box on the node's background (the `box` widget).")
+    width, height = size
+    region = box_region(drawn, height, width)
+    kept = clamp_box(drawn, height, width)
+    note = [] if kept == drawn else [f"The box {drawn} reaches past the {width}x{height} image: clipped to {kept}."]
+    return region[None, None], note
+
+
+def box_input():
+    from comfy_api.latest import io  # here, not at the top, as in cache_threshold_input
+
+    return io.String.Input(
+        "box",
+        default="",
+        optional=True,
+        tooltip="The region as 'x,y,w,h' in image pixels: drag it on the background shown in the node (move it, "
+        "pull its corners) or type the numbers. Used when no mask is connected; a connected mask wins.",
+    )
+
+
+def background_preview(image: torch.Tensor) -> list[dict]:
+    """The first background image as a temp PNG, for the box editor to draw on after a run ("the last run's input")."""
+    from comfy_api.latest import io, ui
+
+    return ui.ImageSaveHelper.save_images(image[:1], "bfs_box_background", io.FolderType.temp, None, compress_level=1)
 
 
 def raw_from_normalized(latent: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,11 @@ from server import PromptServer
 from typing_extensions import override
 
 from ..bfs_core.atomic import atomic_path
-from ..bfs_core.layer_math import clamp_box, composite_stack, mask_from_box, over, resize_rgba
+from ..bfs_core.layer_math import composite_stack, over, resize_rgba
 from ..bfs_core.layered_files import write_layered_file
 from .common import (
     ComfyFluxVAE,
+    box_region,
     combo_value,
     flux_latent,
     image_from_core,
@@ -191,10 +192,7 @@ class BoxToMask(io.ComfyNode):
     @classmethod
     def execute(cls, image, x0, y0, x1, y1) -> io.NodeOutput:
         height, width = image.shape[1], image.shape[2]
-        if x1 <= x0 or y1 <= y0:
-            raise ValueError(f"The box ({x0}, {y0}, {x1}, {y1}) is empty: x1 must exceed x0 and y1 must exceed y0.")
-        box = clamp_box((x0, y0, x1, y1), height, width)
-        return io.NodeOutput(mask_from_box(box, height, width)[None])
+        return io.NodeOutput(box_region((x0, y0, x1, y1), height, width)[None])
 
 
 class SaveLayers(io.ComfyNode):
