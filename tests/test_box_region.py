@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_pipeline import _box_by_hand, _import_nodes_common
 
 
