@@ -1,5 +1,8 @@
 """Conditioning maps for decomposition: Canny edges (in torch), depth and semantic segmentation (transformers models
 in local folders, loaded once per folder). Images in and maps out are [B, 3, H, W] in [0, 1].
+
+And reference tokens (Flux Redux, or the toy reference encoder) with the caption: `ReferenceMode` says whether they
+replace the caption's tokens (the paper, §5) or follow them (ComfyUI's StyleModelApply).
 """
 
 from __future__ import annotations
@@ -7,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -154,4 +158,67 @@ def estimate_segmentation(
     return _label_colors(logits.argmax(dim=1), logits.shape[1])  # [B, classes, H, W] -> labels [B, H, W]
 
 
-__all__ = ["canny_edges", "clear_auxiliary_models", "estimate_depth", "estimate_segmentation"]
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference tokens (Redux) with the caption
+
+
+class ReferenceMode(str, Enum):
+    """How reference tokens meet the caption's tokens; the pooled vector is always the caption's (Redux leaves it)."""
+
+    REPLACE = "replace"  # the paper (§5, Fig. 6a): the caption's tokens are substituted by the reference's
+    APPEND = "append"  # ComfyUI's StyleModelApply: caption tokens, then reference tokens
+
+
+def join_reference(
+    caption_embeds: torch.Tensor, reference_tokens: torch.Tensor, mode: ReferenceMode | str, strength: float = 1.0
+) -> torch.Tensor:
+    """Text tokens for the transformer: `caption_embeds` [B, T, W] and `reference_tokens` [B or 1, N, W] ->
+    [B, N, W] (replace) or [B, T + N, W] (append). `strength` scales the reference tokens (StyleModelApply's
+    'multiply')."""
+    mode = ReferenceMode(mode)
+    caption, reference = list(caption_embeds.shape), list(reference_tokens.shape)
+    if len(caption) != 3 or len(reference) != 3 or caption[-1] != reference[-1]:
+        raise ValueError(
+            f"The caption's tokens {caption} and the reference tokens {reference} "
+            "must both be [batch, tokens, width] of the same width: encode the reference with the style model that "
+            "belongs to this text encoder (Flux Redux for Flux, the toy reference encoder for the toy model)."
+        )
+    reference = reference_tokens.to(caption_embeds.dtype) * strength
+    if reference.shape[0] != caption_embeds.shape[0]:
+        reference = reference.expand(caption_embeds.shape[0], -1, -1)
+    if mode is ReferenceMode.REPLACE:
+        return reference
+    return torch.cat([caption_embeds, reference], dim=1)
+
+
+def apply_reference_mode(
+    conditioned: torch.Tensor, caption_embeds: torch.Tensor, mode: ReferenceMode | str
+) -> torch.Tensor:
+    """StyleModelApply's output tokens (`conditioned` = caption tokens then reference tokens) in `mode`: append keeps
+    them; replace drops the caption's tokens, after checking that `conditioned` does begin with exactly them."""
+    mode = ReferenceMode(mode)
+    t = caption_embeds.shape[1]
+    same_prefix = (
+        conditioned.ndim == 3
+        and conditioned.shape[0] == caption_embeds.shape[0]
+        and conditioned.shape[1] > t
+        and torch.equal(conditioned[:, :t].to(caption_embeds.dtype), caption_embeds)
+    )
+    if not same_prefix:
+        raise ValueError(
+            f"`conditioning` {list(conditioned.shape)} must be the output of StyleModelApply on `caption` "
+            f"{list(caption_embeds.shape)} (the caption's tokens followed by reference tokens). Connect the same "
+            "text CONDITIONING to StyleModelApply's `conditioning` and to `caption`."
+        )
+    return conditioned if mode is ReferenceMode.APPEND else conditioned[:, t:]
+
+
+__all__ = [
+    "ReferenceMode",
+    "apply_reference_mode",
+    "canny_edges",
+    "clear_auxiliary_models",
+    "estimate_depth",
+    "estimate_segmentation",
+    "join_reference",
+]

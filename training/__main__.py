@@ -23,6 +23,7 @@ COMMANDS = {
     "decompose-data": ("training.decomposition_data", "DataConfig", "decomposition training set (1–3 layers)"),
     "toy-vae": ("training.train_toy_autoencoders", "TrainConfig", "toy world: the RGB and RGBA autoencoders"),
     "base-fill": ("training.train_base_fill", "TrainConfig", "pretrain a Flux-Fill base from scratch (toy world)"),
+    "toy-reference": ("training.train_toy_reference", "TrainConfig", "toy world: the reference (Redux) encoder"),
     "synth-data": ("training.synth_data", "SynthConfig", "build synthetic triplets from object-removal pairs (A.3)"),
 }
 
