@@ -13,13 +13,15 @@ from ..bfs_core.pipelines.decomposition import DecompositionPipeline
 from .common import (
     ComfyFluxVAE,
     PatchedModel,
+    background_preview,
+    box_input,
     cache_threshold_input,
     combo_value,
     flux_text,
     image_from_core,
     image_to_core,
-    mask_to_core,
     progress,
+    region_from_inputs,
 )
 from .loaders import RGBA_VAE, WeightDtype, check_model_file
 
@@ -87,7 +89,12 @@ class DecomposeLayers(io.ComfyNode):
             inputs=[
                 DECOMPOSITION_MODEL.Input("decomposition_model", tooltip="From Load Decomposition Model."),
                 io.Image.Input("image", tooltip="The photo to decompose."),
-                io.Mask.Input("mask", tooltip="The object to pull out (white). A rough mask is fine."),
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip="The object to pull out (white). A rough mask is fine. Optional: without it the box "
+                    "drawn on the node is the region; when connected it wins.",
+                ),
                 io.Conditioning.Input("positive", tooltip="Flux CLIPTextEncode; an empty prompt is fine."),
                 io.Vae.Input("vae", tooltip="The native Flux VAE (ae.safetensors)."),
                 RGBA_VAE.Input("rgba_vae", tooltip="From Load RGBA VAE: decodes the foreground layer."),
@@ -116,11 +123,13 @@ class DecomposeLayers(io.ComfyNode):
                     "keeps the input's own pixels outside the mask; the layers are mapped back.",
                 ),
                 cache_threshold_input(),
+                box_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="foreground", tooltip="The object as RGBA (4-channel IMAGE)."),
                 io.Mask.Output(display_name="alpha", tooltip="The object's alpha."),
                 io.Image.Output(display_name="background", tooltip="The background with the object removed."),
+                io.Mask.Output(display_name="region", tooltip="The region used: the mask, or the drawn box."),
             ],
         )
 
@@ -129,7 +138,6 @@ class DecomposeLayers(io.ComfyNode):
         cls,
         decomposition_model,
         image,
-        mask,
         positive,
         vae,
         rgba_vae,
@@ -137,14 +145,15 @@ class DecomposeLayers(io.ComfyNode):
         steps,
         guidance,
         short_side,
+        mask=None,
+        box="",
         edge=None,
         segmentation=None,
         depth=None,
         cache_threshold=0.0,
     ) -> io.NodeOutput:
-        image = image_to_core(image, "image")
-        size = (image.shape[-1], image.shape[-2])
-        mask = mask_to_core(mask, "mask", size)
+        image, preview = image_to_core(image, "image"), background_preview(image)  # the box editor draws on it
+        mask, notes = region_from_inputs(mask, box, (image.shape[-1], image.shape[-2]))
         maps = {
             k: None if v is None else image_to_core(v, k)
             for k, v in (("edge", edge), ("segmentation", segmentation), ("depth", depth))
@@ -169,7 +178,8 @@ class DecomposeLayers(io.ComfyNode):
             cache_threshold=cache_threshold,
         )
         fg = image_from_core(result.foreground)
-        return io.NodeOutput(fg, fg[..., 3].clone(), image_from_core(result.background))
+        ui = {"bfs_background": preview} | ({"text": notes} if notes else {})
+        return io.NodeOutput(fg, fg[..., 3].clone(), image_from_core(result.background), mask[:, 0].cpu(), ui=ui)
 
 
 class DecomposeNodes(ComfyExtension):

@@ -343,13 +343,23 @@ def _comfy_stubs(models: dict[str, Path]) -> dict[str, types.ModuleType]:
     fp.get_full_path_or_raise = lambda folder, name: str(next(p for p in models.values() if p.name == name))
 
     class NodeOutput:
-        def __init__(self, *values):
-            self.values = values
+        def __init__(self, *values, ui=None):
+            self.values, self.ui = values, ui
 
     latest = mods["comfy_api.latest"]
     kinds = ("Combo", "Image", "Mask", "Conditioning", "Vae", "Int", "Float", "Latent", "String", "Model")
     latest.io = types.SimpleNamespace(
         ComfyNode=object, NodeOutput=NodeOutput, Schema=_Anything, Custom=_Anything, **{n: _Anything() for n in kinds}
+    )
+    latest.io.FolderType = types.SimpleNamespace(temp="temp")
+    previews = []  # what the nodes save for the box editor
+
+    def save_images(images, prefix, folder, cls, compress_level=4):
+        previews.append(images)
+        return [{"filename": f"{prefix}_{len(previews)}.png", "subfolder": "", "type": folder}]
+
+    latest.ui = types.SimpleNamespace(
+        ImageSaveHelper=types.SimpleNamespace(save_images=save_images), previews=previews
     )
     latest.ComfyExtension = object
     return mods
@@ -386,13 +396,18 @@ def test_nodes_load_and_decompose_end_to_end(tmp_path, monkeypatch, codecs):
         mask[:, 20:50, 30:60] = 1
         cond = [[torch.zeros(1, 6, 32), {"pooled_output": torch.zeros(1, 32)}]]
         with torch.no_grad():
-            fg, alpha, bg = node_mod.DecomposeLayers.execute(
-                loaded, image, mask, cond, ComfyLikeVAE(), codecs[1], 0, 2, 30.0, 64
-            ).values
+            out = node_mod.DecomposeLayers.execute(
+                loaded, image, cond, ComfyLikeVAE(), codecs[1], 0, 2, 30.0, 64, mask=mask
+            )
+        fg, alpha, bg, region = out.values
         assert fg.shape == (1, 70, 90, 4) and alpha.shape == (1, 70, 90) and bg.shape == (1, 70, 90, 3)
-        assert torch.equal(alpha, fg[..., 3])
+        assert torch.equal(alpha, fg[..., 3]) and torch.equal(region, mask)
         assert torch.equal(bg[:, :10, :10], image[:, :10, :10])  # native-resolution paste-back outside the mask
         assert sys.modules["comfy.utils"].progress == [1, 2]
+        assert torch.equal(sys.modules["comfy_api.latest"].ui.previews[0], image)  # the box editor's background
+        assert out.ui == {
+            "bfs_background": [{"filename": "bfs_box_background_1.png", "subfolder": "", "type": "temp"}]
+        }
     finally:
         for name in [m for m in sys.modules if m.startswith("bfs_pack_under_test")]:
             sys.modules.pop(name, None)
