@@ -140,7 +140,7 @@ def test_callback_and_interrupt():
         **_common(),
         steps=4,
         noise=tuple(tensors[2:]),
-        callback=lambda i, total, latents: seen.append((i, total, latents.shape)),
+        callback=lambda i, total, state: seen.append((i, total, state.fg.shape)),
     )
     assert seen == [(i, 4, (2, 16, 64)) for i in range(4)]
     model = StraightLineModel(*tensors)

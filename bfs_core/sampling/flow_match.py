@@ -25,7 +25,6 @@ from ..finite import check_branch_finite, check_finite
 from .step_cache import step_cache
 
 
-StepCallback = Callable[[int, int, torch.Tensor], None]
 InterruptCheck = Callable[[], bool | None]
 
 
@@ -109,6 +108,30 @@ def make_scheduler(scheduler_config: dict, steps: int, image_seq_len: int, devic
 
 
 @dataclass
+class DenoiseStep:
+    """What the step callback receives after each step: both branches, packed [N, L, 64], and their clean estimates.
+
+    `comp_x0` / `fg_x0` are the flow-matching x0 predictions of the step just taken, x0 = x_sigma − sigma·v, from the
+    latents the model saw at `sigma` and its velocity (float32); a sampler's live preview shows them. In `extract_fg`
+    the composite branch is the clean input, so `comp_x0` is that input.
+    """
+
+    comp: torch.Tensor  # the latents after the step
+    fg: torch.Tensor
+    comp_x0: torch.Tensor
+    fg_x0: torch.Tensor
+    sigma: float  # the fg branch's sigma at this step (the composite's too in bg2fg)
+    latent_size: tuple[int, int]  # (h, w) of the unpacked latent: `unpack_latents(x, *latent_size)`
+
+    def unpacked_x0(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(comp_x0, fg_x0) as [N, C, h, w] latents."""
+        return unpack_latents(self.comp_x0, *self.latent_size), unpack_latents(self.fg_x0, *self.latent_size)
+
+
+StepCallback = Callable[[int, int, DenoiseStep], None]
+
+
+@dataclass
 class DualSample:
     """Packed final latents of both branches, [N, L, 64] each (comp is the clean input in `extract_fg`)."""
 
@@ -163,7 +186,7 @@ def sample_dual(
         mode: `bg2fg` or `extract_fg` (then `comp_clean` [N, L, 64], the packed clean composite latent, is required).
         steps, guidance: 50 and 30 as the paper.
         noise: explicit starting noise (comp, fg), else drawn from `generator` as `model.config.noise` says.
-        callback: called as `callback(step_index, steps, fg_latents)` after every step.
+        callback: called as `callback(step_index, steps, DenoiseStep)` after every step (latents and x0 estimates).
         interrupt: called before every step; returning True (or raising) stops sampling.
         cache_threshold: step caching (`step_cache.py`: First-Block-Cache, both branches decide together); 0 = exact.
 
@@ -212,13 +235,16 @@ def _denoise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, dtype = comp.shape[0], model.dtype
     total = len(scheduler.timesteps)
+    latent_size = (2 * (int(img_ids[:, 1].max()) + 1), 2 * (int(img_ids[:, 2].max()) + 1))  # ids are packed (row, col)
     for i, t in enumerate(scheduler.timesteps):
         if interrupt is not None and interrupt():
             raise SamplingInterrupted(f"Sampling interrupted at step {i} of {total}.")
         # As FluxFillPipeline: sigma = t / 1000, rounded in the latent dtype.
         sigma = t.expand(n).to(dtype) / 1000
+        step_sigma = float(scheduler.sigmas[i])  # the sigma the Euler step uses (float32, as the scheduler)
         if mode == "bg2fg":
             v_comp, v_fg = model(comp, fg, fill_cond, prompt_embeds, pooled, sigma, sigma, img_ids, guidance)
+            comp_x0, fg_x0 = comp.float() - step_sigma * v_comp.float(), fg.float() - step_sigma * v_fg.float()
             both = scheduler.step(torch.cat([v_comp, v_fg]), t, torch.cat([comp, fg]), return_dict=False)[0]
             comp, fg = both[:n], both[n:]
             check_branch_finite("comp", comp, i + 1, total)
@@ -226,8 +252,9 @@ def _denoise(
             _, v_fg = model(
                 comp, fg, fill_cond, prompt_embeds, pooled, torch.zeros_like(sigma), sigma, img_ids, guidance
             )
+            comp_x0, fg_x0 = comp.float(), fg.float() - step_sigma * v_fg.float()
             fg = scheduler.step(v_fg, t, fg, return_dict=False)[0]
         check_branch_finite("fg", fg, i + 1, total)
         if callback is not None:
-            callback(i, total, fg)
+            callback(i, total, DenoiseStep(comp, fg, comp_x0, fg_x0, step_sigma, latent_size))
     return comp, fg
