@@ -295,6 +295,7 @@ def apply_bfs_checkpoint(transformer, ckpt: BFSCheckpoint) -> DualBranchFlux:
     transformer.load_state_dict(bfs_keys, strict=False)
     if overrides:
         transformer.load_state_dict(overrides, strict=False)
+    transformer._bfs_base_overrides = sorted(overrides)  # its base is no longer plain Flux-Fill when non-empty
     counts = prepare_for_inference(transformer)
     kinds = Counter(_block_type(k) for k in bfs_keys)
     logger.info(
