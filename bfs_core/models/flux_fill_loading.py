@@ -4,6 +4,7 @@ Layouts:
 - a diffusers folder (the pipeline root with ``transformer/``, or the transformer folder itself);
 - a single safetensors file with BFL keys (``flux1-fill-dev.safetensors``, ComfyUI ``models/diffusion_models``),
   optionally prefixed ``model.diffusion_model.`` / ``diffusion_model.``, or with diffusers keys;
+- a GGUF file (city96's ComfyUI-GGUF conversions, BFL keys; Q8_0 ... Q4_K kept quantised, `gguf.py`);
 - stored as bf16/fp16/fp32, plain ``float8_e4m3fn``/``float8_e5m2`` (upcast), ComfyUI's legacy *scaled fp8*
   (``scaled_fp8`` marker + ``<layer>.scale_weight``) or its newer per-layer ``<layer>.comfy_quant`` fp8 format
   (``<layer>.weight_scale``, or the ``_quantization_metadata`` safetensors header entry).
@@ -26,6 +27,7 @@ from diffusers import FluxTransformer2DModel
 from ..errors import UserInputError, read_safetensors, reading_folder
 from .flux_keys import _strip_diffusion_model_prefix, bfl_to_diffusers
 from .fp8 import _dequantize_
+from .gguf import GGUF_SUFFIX, logical_numel, quant_type_name
 
 
 logger = logging.getLogger(__name__)
@@ -207,28 +209,70 @@ def _load_from_single_file(
         logger.info(
             "Ignoring %d non-transformer tensors (VAE / text encoders) in all-in-one checkpoint %s", n_other, path
         )
-    if "img_in.weight" in raw or any(k.startswith(("double_blocks.", "single_blocks.")) for k in raw):
-        layout = "BFL"
-    elif "x_embedder.weight" in raw or any(k.startswith("transformer_blocks.") for k in raw):
-        layout = "diffusers"
-    else:
-        raise ValueError(
-            f"`{source}` is not a FLUX transformer checkpoint: it has neither `img_in.weight` (BFL layout) nor "
-            f"`x_embedder.weight` (diffusers layout); first keys: {sorted(raw)[:6]}. BFS needs FLUX.1-Fill-dev "
-            "(flux1-fill-dev.safetensors in models/diffusion_models, or the diffusers folder)."
-        )
-    in_weight = raw.get("img_in.weight", raw.get("x_embedder.weight"))
-    out_weight = raw.get("final_layer.linear.weight", raw.get("proj_out.weight"))
-    if in_weight is not None and out_weight is not None:  # fail before dequantising a whole wrong model
-        _check_is_fill(in_weight.shape[1], out_weight.shape[0], source)
+    layout = _key_layout(raw, source)
+    _check_is_fill_early(raw, source)
     sd, n_scaled = _dequantize_(raw, torch_dtype, metadata, source)
     sd = bfl_to_diffusers(sd, source=source) if layout == "BFL" else sd
-    inferred = _infer_config(sd, source)
-    _check_is_fill(inferred["in_channels"], inferred["out_channels"], source)
-    chosen = _choose_config(inferred, config, source)
-
+    chosen = _config_for(sd, config, source)
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(chosen)
+    _check_keys_and_shapes(model, sd, source)
+    model.load_state_dict(sd, strict=True, assign=True)
+    fmt = f"{layout} single file, stored {dict(stored)}" + (
+        f", {n_scaled} scaled fp8 layers dequantised" if n_scaled else ""
+    )
+    return model.to(device).eval(), fmt
+
+
+def _load_from_gguf(
+    path: pathlib.Path, torch_dtype: torch.dtype, device: str | torch.device, config: dict | str | None, name: str
+) -> tuple[FluxTransformer2DModel, str]:
+    """A GGUF file (ComfyUI-GGUF, BFL keys): the Linears stay quantised and dequantise per call (see `gguf.py`)."""
+    from .gguf import load_gguf_flux_fill, logical_shape, quant_type_name, read_gguf_state_dict
+
+    source = str(path)
+    raw = read_gguf_state_dict(path, name)
+    stored = Counter(quant_type_name(t) for t in raw.values())
+    raw, _ = _strip_diffusion_model_prefix(raw)
+    layout = _key_layout(raw, source)
+    shapes = {k: torch.empty(logical_shape(v), device="meta") for k, v in raw.items()}
+    _check_is_fill_early(shapes, source)
+    sd = bfl_to_diffusers(raw, source=source) if layout == "BFL" else raw
+    shapes = {k: torch.empty(logical_shape(v), device="meta") for k, v in sd.items()}
+    chosen = _config_for(shapes, config, source)
+    with init_empty_weights():
+        _check_keys_and_shapes(FluxTransformer2DModel.from_config(chosen), shapes, source)
+    model = load_gguf_flux_fill(path, sd, chosen, compute_dtype=torch_dtype, device=device)
+    return model, f"{layout} GGUF file, stored {dict(stored)}, computed in {str(torch_dtype).replace('torch.', '')}"
+
+
+def _key_layout(raw: dict[str, torch.Tensor], source: str) -> str:
+    if "img_in.weight" in raw or any(k.startswith(("double_blocks.", "single_blocks.")) for k in raw):
+        return "BFL"
+    if "x_embedder.weight" in raw or any(k.startswith("transformer_blocks.") for k in raw):
+        return "diffusers"
+    raise ValueError(
+        f"`{source}` is not a FLUX transformer checkpoint: it has neither `img_in.weight` (BFL layout) nor "
+        f"`x_embedder.weight` (diffusers layout); first keys: {sorted(raw)[:6]}. BFS needs FLUX.1-Fill-dev "
+        "(flux1-fill-dev.safetensors or a .gguf in models/diffusion_models, or the diffusers folder)."
+    )
+
+
+def _check_is_fill_early(raw: dict[str, torch.Tensor], source: str) -> None:
+    """Fail before dequantising a whole wrong model."""
+    in_weight = raw.get("img_in.weight", raw.get("x_embedder.weight"))
+    out_weight = raw.get("final_layer.linear.weight", raw.get("proj_out.weight"))
+    if in_weight is not None and out_weight is not None:
+        _check_is_fill(in_weight.shape[1], out_weight.shape[0], source)
+
+
+def _config_for(sd: dict[str, torch.Tensor], config: dict | str | None, source: str) -> dict:
+    inferred = _infer_config(sd, source)
+    _check_is_fill(inferred["in_channels"], inferred["out_channels"], source)
+    return _choose_config(inferred, config, source)
+
+
+def _check_keys_and_shapes(model: FluxTransformer2DModel, sd: dict[str, torch.Tensor], source: str) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -244,11 +288,6 @@ def _load_from_single_file(
             f"{unexpected[:5]}) and {len(wrong_shape)} have the wrong shape (first: {wrong_shape[:3]}). "
             "The file is incomplete or does not match `config`."
         )
-    model.load_state_dict(sd, strict=True, assign=True)
-    fmt = f"{layout} single file, stored {dict(stored)}" + (
-        f", {n_scaled} scaled fp8 layers dequantised" if n_scaled else ""
-    )
-    return model.to(device).eval(), fmt
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,8 +307,9 @@ def load_flux_fill_transformer(
 
     Args:
         path: a diffusers pipeline root (with `transformer/`), a transformer folder (with `config.json`), or a
-            `.safetensors` file in the BFL or diffusers key layout, bf16/fp16/fp32, plain fp8 or ComfyUI scaled fp8.
-        torch_dtype: dtype of the returned weights; fp8 weights are dequantised to it.
+            `.safetensors` file in the BFL or diffusers key layout, bf16/fp16/fp32, plain fp8 or ComfyUI scaled fp8,
+            or a `.gguf` file (ComfyUI-GGUF: Q8_0 ... Q4_K; its Linears stay quantised, see `gguf.py`).
+        torch_dtype: dtype of the returned weights; fp8 weights are dequantised to it. GGUF: the compute dtype.
         device: where the model ends up (it is assembled on the CPU).
         config: single files only: a config dict, a `config.json` path, or a folder holding one. Without it the
             shipped FLUX.1-Fill-dev config is used when the shapes match it, else a config inferred from the shapes.
@@ -298,20 +338,21 @@ def load_flux_fill_transformer(
             )
         model = _load_from_diffusers_folder(folder, torch_dtype, device, name)
         fmt = f"diffusers folder {folder}"
-    elif path.suffix.lower() in (".safetensors", ".sft"):
+    elif path.suffix.lower() in (".safetensors", ".sft", GGUF_SUFFIX):
+        load = _load_from_gguf if path.suffix.lower() == GGUF_SUFFIX else _load_from_single_file
         try:
-            model, fmt = _load_from_single_file(path, torch_dtype, device, config, name)
+            model, fmt = load(path, torch_dtype, device, config, name)
         except UserInputError:
             raise
         except ValueError as err:  # the file's own checks (not Fill, not FLUX, keys): say which input it was
             raise UserInputError(f"`{name}`: {err}") from err
     else:
         raise UserInputError(
-            f"`{name}` must be a folder or a .safetensors file but got {str(path)!r}. Convert other formats to "
-            "safetensors first; pickled checkpoints are not loaded."
+            f"`{name}` must be a folder, a .safetensors or a .gguf file but got {str(path)!r}. Convert other formats "
+            "to safetensors first; pickled checkpoints are not loaded."
         )
-    n_params = sum(p.numel() for p in model.parameters())
-    dtypes = Counter(str(p.dtype).replace("torch.", "") for p in model.parameters())
+    n_params = sum(logical_numel(p) for p in model.parameters())
+    dtypes = Counter(quant_type_name(p) for p in model.parameters())
     logger.info(
         "Loaded FLUX.1-Fill transformer from %s (%s): %d double + %d single blocks, %.1f M params as %s on %s",
         path,

@@ -17,6 +17,7 @@ from ..models.flux_fill_loading import load_flux_fill_transformer, load_shipped_
 from .bfs import official_release_state_dict, randomize_bfs_parameters
 from .decomposition import write_tiny_decomposition
 from .flux import TINY_FLUX, write_tiny_flux_fill, write_tiny_flux_vae
+from .gguf import write_tiny_flux_fill_gguf
 from .rgba_vae import tiny_release_vae, write_tiny_rgba_vaes
 from .text_encoders import write_tiny_text_encoders
 
@@ -45,6 +46,7 @@ def write_tiny_set(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = dict(write_tiny_flux_fill(out_dir, seed=seed))
+    paths.update(write_tiny_flux_fill_gguf(out_dir, seed=seed))  # gguf_q8_0 (the bfl_bf16 weights), gguf_q4_k
     root = paths["diffusers"]
     write_tiny_flux_vae(root / "vae", seed=seed)
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
