@@ -46,7 +46,7 @@ class TrainConfig:
     scenes: int = 2400  # target scenes held in memory (colour, shape, background, box drawn at random)
     references_per_class: int = 48  # reference renders per (colour, shape), paired with targets at random
     batch_size: int = 16
-    max_steps: int = 1500
+    max_steps: int = 700
     learning_rate: float = 2e-3
     warmup_steps: int = 50
     weight_decay: float = 0.0

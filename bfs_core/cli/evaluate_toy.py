@@ -33,6 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one row per setting instead, e.g. '50:0,50:0.05,50:fast,20:0,10:0' (steps:cache_threshold): every "
         "metric and the transformer evaluations each took",
     )
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="score reference-guided layers instead (the toy reference encoder: a picture of the object with the "
+        "neutral prompt, replace and append modes, and against a contradicting caption); the output then ends with "
+        "reference_colour_acc=<x> reference_shape_acc=<y> chance_colour_acc=<c> chance_shape_acc=<s>",
+    )
+    parser.add_argument(
+        "--reference-weights",
+        metavar="DIR",
+        help="a toy reference encoder folder (vision/, redux/; default: the shipped bfs_core/toy/weights/reference)",
+    )
     parser.add_argument("--out", help="write the table (Markdown) and the numbers (JSON) with this path stem")
 
 
@@ -40,7 +52,14 @@ def run(args) -> int:
     import torch
 
     from bfs_core.sampling.step_cache import parse_cache_threshold
-    from bfs_core.toy.evaluate import evaluate_variants, format_sweep, format_table, sweep
+    from bfs_core.toy.evaluate import (
+        evaluate_reference,
+        evaluate_variants,
+        format_reference_table,
+        format_sweep,
+        format_table,
+        sweep,
+    )
 
     if args.count < 2:
         raise ValueError(f"`--count` must be at least 2 (the chance baseline pairs scenes) but got {args.count}.")
@@ -56,9 +75,18 @@ def run(args) -> int:
     if args.cache_threshold is not None:
         threshold = parse_cache_threshold(args.cache_threshold, "--cache-threshold")
     settings = _parse_sweep(args.sweep) if args.sweep else None
+    if args.reference and (settings or variants or args.cache_threshold is not None):
+        raise ValueError(
+            "`--reference` scores the reference encoder alone: drop --sweep, --ablations, --cache-threshold."
+        )
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     evals: dict[str, int] = {}
-    if settings:
+    if args.reference:
+        rows = evaluate_reference(
+            args.weights, args.reference_weights, count=args.count, steps=args.steps, seed=args.seed
+        )
+        table = format_reference_table(rows)
+    elif settings:
         rows = sweep(args.weights, settings, count=args.count, seed=args.seed)
         table = format_sweep(rows)
     else:
@@ -76,16 +104,22 @@ def run(args) -> int:
     if args.out:
         stem = Path(args.out)
         stem.parent.mkdir(parents=True, exist_ok=True)
-        keys = ("count", "steps", "seed", "ablations", "cache_threshold", "sweep")
-        used = {k: v for k, v in vars(args).items() if k in keys and v is not None}
+        keys = ("count", "steps", "seed", "ablations", "cache_threshold", "sweep", "reference")
+        used = {k: v for k, v in vars(args).items() if k in keys and v not in (None, False)}
         command = "python -m bfs_core evaluate-toy " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in used.items()
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in used.items()
         )
         atomic_write_text(stem.with_suffix(".md"), f"`{command}`\n\n{table}\n")
         atomic_write_text(stem.with_suffix(".json"), json.dumps(rows, indent=2))
         print(f"written: {stem.with_suffix('.md')}, {stem.with_suffix('.json')}")
     if args.cache_threshold is not None and not settings:
         print(f"transformer_evals={evals['transformer_evals']} exact_evals={evals['exact_evals']}")
+    if args.reference:
+        ref, chance = rows["reference, append"], rows["chance (shuffled)"]
+        print(
+            f"reference_colour_acc={ref['colour_acc']:.3f} reference_shape_acc={ref['shape_acc']:.3f} "
+            f"chance_colour_acc={chance['colour_acc']:.3f} chance_shape_acc={chance['shape_acc']:.3f}"
+        )
     return 0
 
 

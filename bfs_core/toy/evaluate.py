@@ -313,3 +313,119 @@ def round_trip(pipe, rgba, scenes: list[Scene]) -> Predictions:
     fg = rgba.decode(rgba.encode(gt.foreground))
     comp = pipe.decode_latents(pipe.encode_images(gt.composite))
     return Predictions(foreground=fg, composite=comp, extracted=fg)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference-guided layers (bfs_core/toy/reference.py): a picture of the object instead of, or beside, the caption
+
+REFERENCE_METRICS = ("alpha_iou", "colour_acc", "shape_acc", "shadow_err_deg", "stray_alpha")
+REFERENCE_SEED = 54321  # reference renders: neither the reference encoder's training seed (1000) nor the scenes'
+
+
+def contradicting(scene: Scene) -> Scene:
+    """The same scene labelled with another colour and another shape (the next in each list): a caption that
+    contradicts the reference on both."""
+    import dataclasses
+
+    colours = list(COLOURS)
+    colour = colours[(colours.index(scene.colour) + 1) % len(colours)]
+    shape = SHAPES[(SHAPES.index(scene.shape) + 1) % len(SHAPES)]
+    return dataclasses.replace(scene, colour=colour, shape=shape)
+
+
+@torch.no_grad()
+def predict_conditioned(
+    pipe, rgba, scenes: list[Scene], condition, *, steps: int = 20, seed: int = 0, batch: int = 16
+):
+    """BG2FG layers with `condition(chunk) -> (prompt_embeds, pooled)` as the text conditioning (no extraction)."""
+    layers, comps = [], []
+    for i in range(0, len(scenes), batch):
+        chunk = scenes[i : i + batch]
+        embeds, pooled = condition(chunk)
+        bg = to_tensor([s.background for s in chunk])
+        gen = pipe.generate(bg, box_masks(chunk), embeds, pooled, seed=seed + i, steps=steps, short_side=0)
+        layers.append(rgba.decode(gen.fg_latent))
+        comps.append(gen.composite)
+    fg = torch.cat(layers)
+    return Predictions(foreground=fg, composite=torch.cat(comps), extracted=fg)
+
+
+def evaluate_reference(
+    weights: str | None = None,
+    reference_weights: str | None = None,
+    count: int = 64,
+    steps: int = 20,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Rows of REFERENCE_METRICS on `count` held-out scenes, each with a reference render of its own object (another
+    scene: background, sun, box). The pooled vector is the neutral prompt's except where a caption is given.
+
+    - `caption`: the toy model with the scene's caption (what a reference should approach);
+    - `neutral prompt only`: "an object", no reference (what the model does without being told);
+    - `reference, replace` / `reference, append`: the reference tokens replacing the neutral caption's tokens (the
+      paper) / after them (StyleModelApply, the toy workflow);
+    - `reference + contradicting caption` (append, the caption's pooled vector): scored against the reference's
+      object, and (`... scored against the caption`) against the caption's;
+    - `chance (shuffled)`: the append rows with each scene's layer swapped with another scene's.
+    """
+    import numpy as np
+
+    from ..conditioning import ReferenceMode, join_reference
+    from .models import MAX_SEQUENCE_LENGTH, NEUTRAL_PROMPT, load_toy
+    from .reference import load_toy_reference, reference_scene
+
+    scenes = heldout_scenes(count)
+    rng = np.random.default_rng(REFERENCE_SEED)
+    references = to_tensor([reference_scene(rng, s.colour, s.shape).composite for s in scenes])
+    pipe, rgba = load_toy(weights)
+    encoder = load_toy_reference(reference_weights)
+    tokens = encoder(references)  # [N, 16, 32]
+    index = {id(s): i for i, s in enumerate(scenes)}
+
+    def encode(captions: list[str]):
+        return pipe.text_encoders.encode(captions, max_sequence_length=MAX_SEQUENCE_LENGTH)
+
+    neutral_embeds, neutral_pooled = encode([NEUTRAL_PROMPT])
+
+    def with_reference(mode: ReferenceMode, captions=None):
+        def condition(chunk):
+            ref = tokens[[index[id(s)] for s in chunk]]
+            if captions is None:
+                embeds, pooled = neutral_embeds.expand(len(chunk), -1, -1), neutral_pooled.expand(len(chunk), -1)
+            else:
+                embeds, pooled = encode([captions(s) for s in chunk])
+            return join_reference(embeds, ref, mode), pooled
+
+        return condition
+
+    def caption_only(chunk):
+        return encode([s.caption for s in chunk])
+
+    def neutral_only(chunk):
+        return neutral_embeds.expand(len(chunk), -1, -1), neutral_pooled.expand(len(chunk), -1)
+
+    run = dict(steps=steps, seed=seed)
+    rows = {}
+    rows["caption"] = score(scenes, predict_conditioned(pipe, rgba, scenes, caption_only, **run))
+    rows["neutral prompt only"] = score(scenes, predict_conditioned(pipe, rgba, scenes, neutral_only, **run))
+    replace = predict_conditioned(pipe, rgba, scenes, with_reference(ReferenceMode.REPLACE), **run)
+    rows["reference, replace"] = score(scenes, replace)
+    append = predict_conditioned(pipe, rgba, scenes, with_reference(ReferenceMode.APPEND), **run)
+    rows["reference, append"] = score(scenes, append)
+    contra = with_reference(ReferenceMode.APPEND, captions=lambda s: contradicting(s).caption)
+    contra_preds = predict_conditioned(pipe, rgba, scenes, contra, **run)
+    rows["reference + contradicting caption"] = score(scenes, contra_preds)
+    rows["... scored against the caption"] = score([contradicting(s) for s in scenes], contra_preds)
+    rows["chance (shuffled)"] = score(scenes, append, shift=1)
+    for name, row in rows.items():
+        logger.info("%s: %s", name, row)
+    return {name: {m: row[m] for m in REFERENCE_METRICS} for name, row in rows.items()}
+
+
+def format_reference_table(rows: dict[str, dict[str, float]]) -> str:
+    header = "| conditioning | " + " | ".join(f"{m} {'↑' if HIGHER_IS_BETTER[m] else '↓'}" for m in REFERENCE_METRICS)
+    lines = [header + " |", "|" + "---|" * (len(REFERENCE_METRICS) + 1)]
+    for name, values in rows.items():
+        cells = [f"{values[m]:.1f}" if m == "shadow_err_deg" else f"{values[m]:.3f}" for m in REFERENCE_METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

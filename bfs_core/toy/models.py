@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 RESOLUTION = 64
 MAX_SEQUENCE_LENGTH = 16  # T5 tokens: the tiny T5 tokenizer is per character ("a purple pillar" + </s> = 16)
+# The caption of a reference-only request (the real Redux workflow's "an object"); the toy BFS never saw it, the toy
+# reference encoder (bfs_core/toy/reference.py) was trained with it.
+NEUTRAL_PROMPT = "an object"
 
 TOY_FLUX = dict(
     patch_size=1,
@@ -117,17 +120,19 @@ def load_toy(root: str | Path | None = None, bfs: str | Path | None = None, devi
 
 
 def encode_toy_prompt(text_encoders, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds [1, 16, 32], pooled [1, 32]) of one prompt of the toy vocabulary ("a red cube", ...).
+    """(prompt_embeds [1, 16, 32], pooled [1, 32]) of one prompt of the toy vocabulary ("a red cube", ...), or of
+    NEUTRAL_PROMPT (for a reference image to say what the object is).
 
     The toy text encoders are frozen random nets over characters: any other text encodes to something the toy model
     never saw, so it is refused with the list of what it knows.
     """
     from .world import vocabulary
 
-    known = vocabulary()
+    known = vocabulary() + [NEUTRAL_PROMPT]
     if prompt not in known:
         raise ValueError(
-            f"The toy model knows only 'a <colour> <shape>' prompts but got {prompt!r}. Use one of: "
+            f"The toy model knows only 'a <colour> <shape>' prompts (and {NEUTRAL_PROMPT!r} beside a reference "
+            f"image) but got {prompt!r}. Use one of: "
             f"{', '.join(known)}."
         )
     return text_encoders.encode([prompt], max_sequence_length=MAX_SEQUENCE_LENGTH)

@@ -27,16 +27,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..atomic import atomic_dir
-from .models import WEIGHTS_DIR
+from .models import NEUTRAL_PROMPT, WEIGHTS_DIR
 from .world import SIZE, Scene, make_background, make_scene
 
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_DIR = WEIGHTS_DIR / "reference"
-# The caption a reference-only request carries (the real Redux workflow's "an object"): the toy text encoders encode
-# it like any text; the reference encoder was trained with it, so it is the toy's neutral prompt.
-NEUTRAL_PROMPT = "an object"
 
 
 def reference_scene(rng: np.random.Generator, colour: str, shape: str) -> Scene:
