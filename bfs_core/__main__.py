@@ -22,6 +22,10 @@ COMMANDS = {
     "convert-rgba-vae": ("bfs_core.cli.convert_rgba_vae", "LayerDiffuse TransparentVAE.pth -> safetensors"),
     "demo": ("bfs_core.cli.demo", "the embedded toy model end to end: layers, chaining, PSD/ORA, contact sheet"),
     "evaluate-toy": ("bfs_core.cli.evaluate_toy", "score the toy model and its ablations on held-out toy scenes"),
+    "evaluate-toy-decomposition": (
+        "bfs_core.cli.evaluate_toy_decomposition",
+        "score the toy decomposition model against toy Fill inpainting and chance on held-out toy scenes",
+    ),
     "decompose": ("bfs_core.cli.decompose", "Outpaint-and-Remove: image + mask -> RGBA foreground + clean background"),
     "evaluate-decomposition": ("bfs_core.cli.evaluate_decomposition", "score decomposition on a case set"),
 }

@@ -18,6 +18,14 @@ Steps (each skipped when its result already exists in --work, so a killed run co
 `--ship` copies the result into bfs_core/toy/weights (the transformer in fp16). `--ablations` also trains the
 variants of `bfs_core/toy/evaluate.py`'s ABLATIONS with the same budget, `--jobs` of them at a time (one process each).
 Each process uses `--threads` torch threads (default 1).
+
+The toy decomposition model (Outpaint-and-Remove, bfs_core/toy/decomposition.py):
+    python scripts/train_toy.py --decomposition [--ship]        the main model (training/configs/toy_decompose.yaml)
+    python scripts/train_toy.py --decomposition-ablations       w/o fusion, w/o fg context, w/o joint + the full
+                                                                recipe, each at DECOMPOSITION_ABLATION_STEPS; writes
+                                                                bfs_core/toy/results/decomposition.{md,json}
+They train on the toy Fill base of this --work folder when a full run made one (model/flux-fill), else on the shipped
+one (bfs_core/toy/weights/flux-fill), with its RGBA VAE. Data: DECOMPOSITION_SCENES training scenes (seeds 0…).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from bfs_core.atomic import atomic_path, atomic_write_text  # noqa: E402
 from bfs_core.models.flux_fill_loading import load_shipped_config  # noqa: E402
 from bfs_core.toy import world  # noqa: E402
 from bfs_core.toy.models import TOY_BFS, TOY_PHI, WEIGHTS_DIR, write_toy_text_encoders  # noqa: E402
@@ -56,6 +65,17 @@ ABLATIONS = {
     "no_stage2": ({"max_steps": "total"}, None),
     "no_joint": ({"train_joint": False}, {"train_joint": False}),
     "fg_only": ({"train_joint": False, "lambda_comp": 0.0}, {"train_joint": False, "lambda_comp": 0.0}),
+}
+
+
+# Decomposition: scenes, the ablation budget, and the variants (TrainConfig overrides of toy_decompose.yaml).
+DECOMPOSITION_SCENES = 3000
+DECOMPOSITION_ABLATION_STEPS = 500
+DECOMPOSITION_ABLATIONS = {
+    "full": {},
+    "no_fusion": {"decomposition_overrides": {"modalities": []}, "edges": False, "maps_from_data": False},
+    "no_fg_context": {"foreground_context": False},
+    "no_joint": {"trainable_groups": ["lora_bg", "lora_fg", "input_proj", "fusion"]},
 }
 
 
@@ -216,6 +236,82 @@ def run_in_parallel(args: argparse.Namespace, names: list[str]) -> None:
                     raise SystemExit(f"variant {name} failed (exit {proc.returncode}); see {log.name}")
 
 
+def decomposition_base(work: Path) -> dict[str, Path]:
+    """The toy Fill root and RGBA VAE to train on: this work folder's (a full run), else the shipped ones."""
+    own = work / "model"
+    if (own / "flux-fill" / "transformer" / "config.json").is_file() and (own / "rgba_vae" / "config.json").is_file():
+        return {"flux_fill": own / "flux-fill", "rgba_vae": own / "rgba_vae"}
+    return {"flux_fill": WEIGHTS_DIR / "flux-fill", "rgba_vae": WEIGHTS_DIR / "rgba_vae"}
+
+
+def train_decomposition(work: Path, name: str, overrides: dict) -> Path:
+    """One decomposition run (skipped when its weights exist); returns the weights file."""
+    from bfs_core.toy.decomposition import write_decomposition_dataset
+    from training import train_decompose
+
+    data = work / "decomposition" / "data"
+    if not (data / "manifest.jsonl").is_file():
+        timed("decomposition scenes", write_decomposition_dataset, data, DECOMPOSITION_SCENES)
+    out = work / "decomposition" / name
+    final = out / "decomposition.safetensors"
+    if final.is_file():
+        return final
+    base = decomposition_base(work)
+    cfg = load_config(
+        train_decompose.TrainConfig,
+        CONFIGS / "toy_decompose.yaml",
+        {
+            "data_dir": str(data),
+            "flux_fill": str(base["flux_fill"]),
+            "rgba_vae": str(base["rgba_vae"]),
+            "output_dir": str(out),
+            "text_cache_dir": str(work / "text_cache"),
+            **overrides,
+        },
+    )
+    start = time.time()
+    result = timed(f"decompose {name}", train_decompose.main, cfg)
+    losses = result.losses
+    tail = losses[-100:]
+    record = {
+        "variant": name,
+        "overrides": overrides,
+        "steps": len(losses),
+        "minutes": round((time.time() - start) / 60, 1),
+        "first_loss": losses[0] if losses else None,
+        "final_loss_mean_last_100": sum(tail) / max(len(tail), 1),
+        "base": str(base["flux_fill"]),
+        "threads": torch.get_num_threads(),
+    }
+    atomic_write_text(out / "train_record.json", json.dumps(record, indent=2))
+    return final
+
+
+def ship_decomposition(work: Path, weights: Path, dest: Path | None = None) -> None:
+    from bfs_core.toy.decomposition import CONFIG_NAME, DECOMPOSITION_DIR, WEIGHTS_NAME
+
+    dest = dest or DECOMPOSITION_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest / WEIGHTS_NAME) as tmp:
+        shutil.copy(weights, tmp)
+    record = json.loads((weights.parent / "train_record.json").read_text())
+    recipe = {"recipe": "training/configs/toy_decompose.yaml", "command": "scripts/train_toy.py --decomposition"}
+    atomic_write_text(dest / CONFIG_NAME, json.dumps({**recipe, **record}, indent=2) + "\n")
+    size = (dest / WEIGHTS_NAME).stat().st_size / 1e6
+    logger.info("shipped the toy decomposition model to %s (%.1f MB)", dest, size)
+
+
+def decomposition_ablations(work: Path, args: argparse.Namespace) -> None:
+    from bfs_core.toy.evaluate_decomposition import write_decomposition_results
+
+    steps = {"max_steps": DECOMPOSITION_ABLATION_STEPS}
+    variants = {
+        name: train_decomposition(work, f"ablation_{name}", {**steps, **over})
+        for name, over in DECOMPOSITION_ABLATIONS.items()
+    }
+    write_decomposition_results(variants, scenes=args.eval_count, steps=20, seed=0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(REPO / "runs" / "toy"))
@@ -226,6 +322,10 @@ def main() -> None:
     parser.add_argument("--ablations", action="store_true", help="also train every ablation variant")
     parser.add_argument("--only", nargs="*", default=None, help="train only these variants")
     parser.add_argument("--eval-count", type=int, default=64, help="held-out scenes for the ablation table")
+    parser.add_argument("--decomposition", action="store_true", help="train the toy decomposition model")
+    parser.add_argument(
+        "--decomposition-ablations", action="store_true", help="train the decomposition ablations, write the table"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -233,6 +333,15 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     work = Path(args.work)
     start = time.time()
+    if args.decomposition or args.decomposition_ablations:
+        if args.decomposition:
+            weights = train_decomposition(work, "main", {})
+            if args.ship:
+                ship_decomposition(work, weights)
+        if args.decomposition_ablations:
+            decomposition_ablations(work, args)
+        logger.info("train_toy (decomposition) finished in %.1f min", (time.time() - start) / 60)
+        return
     paths = build_base(work, args.scenes)
     names = args.only or (list(ABLATIONS) if args.ablations else ["full"])
     unknown = sorted(set(names) - set(ABLATIONS))

@@ -27,6 +27,8 @@ from accelerate.utils import set_seed
 
 from bfs_core.conditioning import canny_edges, estimate_depth, estimate_segmentation
 from bfs_core.models.layer_decomposition import (
+    FILL_CONTEXT_CHANNELS,
+    TRAINABLE_GROUPS,
     DecompositionConfig,
     LayerDecomposition,
     initial_decomposition_model,
@@ -47,7 +49,7 @@ from .common import (
     sample_sigmas,
     weight_dtype,
 )
-from .data import ManifestDataset, make_loader
+from .data import ManifestDataset, load_image, make_loader
 from .decomposition_data import imperfect_mask
 from .loop import Phase, TrainResult, echo_config, finish, train
 from .losses import flow_matching_loss, noisy_latents
@@ -84,6 +86,10 @@ class TrainConfig(CommonConfig):
     logit_std: float = 1.0
     mode_scale: float = 1.29
     output_name: str = "decomposition.safetensors"
+    maps_from_data: bool = False  # read `segmentation` / `depth` images from the manifest (the toy world's maps)
+    foreground_context: bool = True  # False: the foreground sequence gets no image-mask context (an ablation)
+    trainable_groups: list[str] | None = None  # None = all of TRAINABLE_GROUPS; e.g. drop "joint" (an ablation)
+    cache_latents: bool = False  # encode each sample's targets / query / maps once (data without random crops)
 
 
 def decomposition_config(cfg: TrainConfig) -> DecompositionConfig:
@@ -92,13 +98,18 @@ def decomposition_config(cfg: TrainConfig) -> DecompositionConfig:
     )
 
 
+def known_modalities(cfg: TrainConfig) -> tuple[str, ...]:
+    """The modalities the model's fusion module takes (a config without any is the "w/o fusion" ablation)."""
+    return decomposition_config(cfg).modalities
+
+
 def load_model(cfg: TrainConfig, device, dtype) -> LayerDecomposition:
     """Frozen Flux-Fill in `dtype`, decomposition parameters fresh (identity at start) and in fp32."""
     from bfs_core.models.flux_fill_loading import load_flux_fill_transformer
 
     transformer = load_flux_fill_transformer(cfg.flux_fill, torch_dtype=dtype, device=device).requires_grad_(False)
     model = initial_decomposition_model(transformer, decomposition_config(cfg))
-    params = model.set_trainable()
+    params = model.set_trainable(set(cfg.trainable_groups) if cfg.trainable_groups is not None else TRAINABLE_GROUPS)
     for param in params:
         param.data = param.data.float()  # trainables stay fp32 (STYLE: Training)
     if cfg.gradient_checkpointing:
@@ -126,6 +137,33 @@ def register_hooks(accelerator: Accelerator) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+MAP_KEYS = ("segmentation", "depth")
+
+
+class DecompositionDataset(ManifestDataset):
+    """A `triplet` dataset with masks; with `maps=True` also each entry's `segmentation` / `depth` images (RGB),
+    cropped like the sample's other images (the toy world writes exact maps: bfs_core/toy/decomposition.py)."""
+
+    def __init__(self, root, resolution: int, maps: bool = False):
+        super().__init__(root, "triplet", resolution)
+        self.maps = maps
+        if maps:
+            missing = [e["name"] for e in self.entries if not all(e.get(k) for k in MAP_KEYS)]
+            if missing:
+                raise ValueError(
+                    f"`maps_from_data` needs `segmentation` and `depth` in every entry of {self.root}/manifest.jsonl, "
+                    f"but {len(missing)} lack them (first {missing[:3]}). Set maps_from_data: false or add the maps."
+                )
+
+    def _load(self, entry: dict) -> dict:
+        item = super()._load(entry)
+        if self.maps:
+            window = self._window(entry)
+            for key in MAP_KEYS:
+                item[key] = load_image(self.root / entry[key], 3, self.resolution, window)
+        return item
 
 
 @dataclass
@@ -159,26 +197,61 @@ def mask_seeds(cfg: TrainConfig, step: int, micro: int, batch_size: int, acceler
     return [cfg.seed * 1_000_000_007 + step * 65_536 + row for row in rows]
 
 
+def _fixed_latents(raw: dict, composite: torch.Tensor, maps: dict, encoder: LatentEncoder, device) -> dict:
+    """The batch's latents that do not depend on the spoiled mask: targets, the image query and every modality."""
+    return {
+        "z_bg": pack_latents(encoder.rgb(raw["background"].to(device))),
+        "z_fg": pack_latents(encoder.rgba_latent(raw["foreground"].to(device))),
+        "query": pack_latents(encoder.rgb(composite)),
+        **{f"map_{k}": pack_latents(encoder.rgb(v)) for k, v in maps.items()},
+    }
+
+
 @torch.no_grad()
-def encode_batch(raw: dict, encoder: LatentEncoder, texts, cfg: TrainConfig, seeds: list[int], device, dtype) -> Batch:
+def encode_batch(
+    raw: dict,
+    encoder: LatentEncoder,
+    texts,
+    cfg: TrainConfig,
+    seeds: list[int],
+    device,
+    dtype,
+    cache: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Batch:
+    """One training batch. With `cache` (sample name -> its fixed latents; `cache_latents`), each sample's targets,
+    query and modality latents are encoded once; only the two contexts (which see the spoiled mask) every time."""
     composite = raw["composite"].to(device)
     mask = spoil_masks(raw["mask"], cfg, seeds).to(device)
     z_bg_ctx, z_fg_ctx = encoder.rgb(composite * (1 - mask)), encoder.rgb(composite * mask)
-    maps = {}
-    if cfg.edges:
-        maps["edge"] = canny_edges(composite)
-    if cfg.depth_model:
-        maps["depth"] = estimate_depth(composite, cfg.depth_model)  # loaded once, runs on `device` (the images')
-    if cfg.segmentation_model:
-        maps["segmentation"] = estimate_segmentation(composite, cfg.segmentation_model)
+    names = list(raw["name"]) if cache is not None else []
+    if cache is not None and all(n in cache for n in names):
+        fixed = {k: torch.stack([cache[n][k] for n in names]) for k in cache[names[0]]}
+    else:
+        maps = {}
+        if cfg.edges:
+            maps["edge"] = canny_edges(composite)
+        if cfg.maps_from_data:
+            maps.update({k: raw[k].to(device) for k in MAP_KEYS})
+        if cfg.depth_model:
+            maps["depth"] = estimate_depth(composite, cfg.depth_model)  # loaded once, runs on `device` (the images')
+        if cfg.segmentation_model:
+            maps["segmentation"] = estimate_segmentation(composite, cfg.segmentation_model)
+        maps = {k: v for k, v in maps.items() if k in known_modalities(cfg)}
+        fixed = _fixed_latents(raw, composite, maps, encoder, device)
+        if cache is not None:
+            for i, n in enumerate(names):
+                cache[n] = {k: v[i] for k, v in fixed.items()}
     embeds, pooled = texts.get(list(raw["caption"]), cfg.max_sequence_length, device, dtype)
     h, w = z_bg_ctx.shape[-2:]
+    condition = torch.cat([fill_condition(z_bg_ctx, mask), fill_condition(z_fg_ctx, mask)], -1)
+    if not cfg.foreground_context:  # [N, L, bg 320 | fg 320]: the foreground's image-mask context is zeroed
+        condition[..., FILL_CONTEXT_CHANNELS:] = 0
     return Batch(
-        z_bg=pack_latents(encoder.rgb(raw["background"].to(device))),
-        z_fg=pack_latents(encoder.rgba_latent(raw["foreground"].to(device))),
-        condition=torch.cat([fill_condition(z_bg_ctx, mask), fill_condition(z_fg_ctx, mask)], -1),
-        query=pack_latents(encoder.rgb(composite)),
-        modalities={k: pack_latents(encoder.rgb(v)) for k, v in maps.items()},
+        z_bg=fixed["z_bg"],
+        z_fg=fixed["z_fg"],
+        condition=condition,
+        query=fixed["query"],
+        modalities={k.removeprefix("map_"): v for k, v in fixed.items() if k.startswith("map_")},
         prompt_embeds=embeds,
         pooled=pooled,
         img_ids=latent_image_ids(h, w, device=device, dtype=dtype),
@@ -208,7 +281,7 @@ def decomposition_loss(model, b: Batch, cfg: TrainConfig, device, accelerator=No
 
 
 def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None = None) -> TrainResult:
-    dataset = ManifestDataset(cfg.data_dir, "triplet", cfg.resolution)  # a bad dataset fails before any setup
+    dataset = DecompositionDataset(cfg.data_dir, cfg.resolution, cfg.maps_from_data)  # bad data fails before setup
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     device, dtype = accelerator.device, weight_dtype(cfg)
@@ -238,10 +311,12 @@ def main(cfg: TrainConfig, callback: Callable[[int, dict, object], None] | None 
     drawn = start * cfg.gradient_accumulation_steps  # micro-batches the resumed steps took: the data order goes on
     batches = iter(make_loader(dataset, cfg.batch_size, cfg.seed, drawn, accelerator, cfg.num_workers))
 
+    cache = {} if cfg.cache_latents else None
+
     def next_batch(step: int, micro: int) -> Batch:
         # Mask spoiling is seeded by step and sample, so a resumed run spoils exactly as an uninterrupted one.
         seeds = mask_seeds(cfg, step, micro, cfg.batch_size, accelerator)
-        return encode_batch(next(batches), encoder, texts, cfg, seeds, device, dtype)
+        return encode_batch(next(batches), encoder, texts, cfg, seeds, device, dtype, cache)
 
     phase = Phase(next_batch, loss=lambda b: decomposition_loss(model, b, cfg, device, accelerator), params=params)
     losses = train(
