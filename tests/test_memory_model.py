@@ -176,3 +176,42 @@ def test_activation_peak_matches_measured(dtype, heads, latent_hw, text):
 def test_activation_model_rejects_presets_it_does_not_cover():
     with pytest.raises(ValueError, match="release preset"):
         activation_bytes(REAL, 4096, preset=DualBranchConfig.paper())
+
+
+def test_bench_memory_prints_the_table_and_last_line():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bfs_core", "bench", "--memory"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    table = {}
+    for line in lines:
+        cells = line.split()
+        if len(cells) == 6 and cells[0] in ("512", "1024"):
+            table[(int(cells[0]), cells[1], cells[2])] = [float(c) for c in cells[3:]]
+    assert len(table) == 2 * 5 * 3  # resolutions × formats × offload modes
+    for weights, activation, total in table.values():
+        assert total == pytest.approx(weights + activation, abs=0.011)
+    bfs_values = sum(s.numel for s in bfs_inventory(REAL, RELEASE))
+    assert table[(1024, "bf16", "none")][0] == pytest.approx(2 * (11_902_391_360 + bfs_values) / 2**30, abs=0.005)
+    act = activation_bytes(REAL, 4096)
+    assert table[(1024, "bf16", "none")][1] == pytest.approx(act.peak / 2**30, abs=0.005)
+    last = re.fullmatch(r"fp8_1024_gb=([\d.]+) q8_0_1024_gb=([\d.]+) q4k_block_offload_1024_gb=([\d.]+)", lines[-1])
+    assert last, lines[-1]
+    fp8, q8, q4 = (float(v) for v in last.groups())
+    assert (fp8, q8, q4) == (
+        table[(1024, "fp8", "none")][2],
+        table[(1024, "q8_0", "none")][2],
+        table[(1024, "q4_k", "block")][2],
+    )
+    verdicts = [line for line in lines if line.startswith("target 1024²")]
+    assert [("NOT met" not in v) for v in verdicts] == [fp8 <= 16, q8 <= 16, q4 <= 8]
