@@ -5,6 +5,8 @@ training, the command line) the import must still work, so the ComfyUI side is g
 ComfyUI-GGUF. The headless core is `bfs_core/`.
 """
 
+WEB_DIRECTORY = "./web"  # the frontend extension (plain JS, no build step): the box editor on the sampler nodes
+
 try:
     import comfy_api.latest  # noqa: F401  (only present inside ComfyUI)
 except ImportError:  # imported outside ComfyUI: there is nothing to register

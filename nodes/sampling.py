@@ -11,14 +11,16 @@ from ..bfs_core.pipelines.bfs import BFSPipeline
 from ..bfs_core.toy.guard import run_toy
 from .common import (
     ComfyFluxVAE,
+    background_preview,
     bounding_box_masks,
+    box_input,
     cache_threshold_input,
     flux_text,
     image_from_core,
     image_to_core,
-    mask_to_core,
     progress,
     raw_from_normalized,
+    region_from_inputs,
 )
 from .loaders import BFS_MODEL
 from .toy import ToyModelHandle
@@ -62,6 +64,7 @@ def _common_inputs() -> list:
             "sides rounded up to multiples of 64. 0 keeps the input size. Results are mapped back.",
         ),
         cache_threshold_input(),
+        box_input(),
     ]
 
 
@@ -69,37 +72,44 @@ def _outputs() -> list:
     return [
         io.Latent.Output(display_name="foreground", tooltip="Foreground latent (with its effects): RGBA Decode it."),
         io.Image.Output(display_name="composite", tooltip="The composite branch at the input's size."),
-        io.Mask.Output(display_name="region", tooltip="The region used (the bounding box of the input mask)."),
+        io.Mask.Output(
+            display_name="region", tooltip="The region used: the bounding box of the mask, or the drawn box."
+        ),
     ]
 
 
-def _run(model, vae, positive, background, mask, composite=None, node_id=None, **sampling):
-    """`sampling`: the widgets of `_common_inputs` (seed, steps, guidance, short_side, cache_threshold when given)."""
+def _run(model, vae, positive, background, mask, box, composite=None, node_id=None, **sampling):
+    """`sampling`: the widgets of `_common_inputs` (seed, steps, guidance, short_side, cache_threshold when given).
+    The region is the connected `mask` or else the `box` drawn on the node."""
+    background_ui = background
     background = image_to_core(background, "background")
+    preview = background_preview(background_ui)  # the box editor draws on it after the run
     size = (background.shape[-1], background.shape[-2])
-    region = bounding_box_masks(mask_to_core(mask, "mask", size))
+    region, notes = region_from_inputs(mask, box, size)
+    region = bounding_box_masks(region)
     composite = None if composite is None else image_to_core(composite, "composite")
     embeds, pooled = flux_text(positive)
     pipe = BFSPipeline(model.load(), ComfyFluxVAE(vae), model.scheduler_config)
     callback, interrupt = progress(sampling["steps"])
     common = dict(sampling, callback=callback, interrupt=interrupt)
-    messages = []
+    messages = notes
     if isinstance(model, ToyModelHandle):  # the toy maps any image into its 64×64 world and back, and warns
         run = run_toy(pipe, background, region, embeds, pooled, composite, **common)
-        result, messages = run.result, [f"Warning: {w}" for w in run.warnings] + run.notes
+        result, messages = run.result, notes + [f"Warning: {w}" for w in run.warnings] + run.notes
     elif composite is None:
         result = pipe.generate(background, region, embeds, pooled, **common)
     else:
         result = pipe.extract(composite, background, region, embeds, pooled, **common)
     samples = raw_from_normalized(result.fg_latent.float()).to(comfy.model_management.intermediate_device())
     latent = {"samples": samples, "bfs_original_size": result.original_size}
-    return io.NodeOutput(latent, image_from_core(result.composite), region[:, 0].cpu(), ui=_show(messages, node_id))
+    ui = _show(messages, node_id) | {"bfs_background": preview}
+    return io.NodeOutput(latent, image_from_core(result.composite), region[:, 0].cpu(), ui=ui)
 
 
-def _show(messages: list[str], node_id) -> dict | None:
+def _show(messages: list[str], node_id) -> dict:
     """Messages on the node in the UI (progress text under the node) and in its `text` output (/history, API)."""
     if not messages:
-        return None
+        return {}
     if node_id is not None and getattr(PromptServer, "instance", None) is not None:
         PromptServer.instance.send_progress_text("\n".join(messages), node_id)
     return {"text": messages}
@@ -119,8 +129,9 @@ class BG2FGSample(io.ComfyNode):
                 io.Image.Input("background", tooltip="The background layer the object is added to."),
                 io.Mask.Input(
                     "mask",
-                    tooltip="Where the object goes (white = region). Any shape: its bounding box "
-                    "is used, as in the paper. Box to Mask makes one from coordinates.",
+                    optional=True,
+                    tooltip="Where the object goes (white = region). Any shape: its bounding box is used, as in the "
+                    "paper. Optional: without it the box drawn on the node is the region; when connected it wins.",
                 ),
                 *_common_inputs(),
             ],
@@ -129,8 +140,8 @@ class BG2FGSample(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, bfs_model, background, mask, positive, vae, **sampling) -> io.NodeOutput:
-        return _run(bfs_model, vae, positive, background, mask, node_id=cls.hidden.unique_id, **sampling)
+    def execute(cls, bfs_model, background, positive, vae, mask=None, box="", **sampling) -> io.NodeOutput:
+        return _run(bfs_model, vae, positive, background, mask, box, node_id=cls.hidden.unique_id, **sampling)
 
 
 class ExtractForeground(io.ComfyNode):
@@ -147,7 +158,10 @@ class ExtractForeground(io.ComfyNode):
                 io.Image.Input("composite", tooltip="The image with the object in it."),
                 io.Image.Input("background", tooltip="The same image without the object (same size)."),
                 io.Mask.Input(
-                    "mask", tooltip="Region of the object and its effects (white); its bounding box is used."
+                    "mask",
+                    optional=True,
+                    tooltip="Region of the object and its effects (white); its bounding box is used. Optional: "
+                    "without it the box drawn on the node is the region; when connected it wins.",
                 ),
                 *_common_inputs(),
             ],
@@ -156,13 +170,13 @@ class ExtractForeground(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, bfs_model, composite, background, mask, positive, vae, **sampling) -> io.NodeOutput:
+    def execute(cls, bfs_model, composite, background, positive, vae, mask=None, box="", **sampling) -> io.NodeOutput:
         if composite.shape != background.shape:
             raise ValueError(
                 f"`composite` {list(composite.shape)} and `background` {list(background.shape)} must "
                 "have the same size: the composite is the background with the object added."
             )
-        return _run(bfs_model, vae, positive, background, mask, composite, cls.hidden.unique_id, **sampling)
+        return _run(bfs_model, vae, positive, background, mask, box, composite, cls.hidden.unique_id, **sampling)
 
 
 class SamplingNodes(ComfyExtension):
