@@ -5,8 +5,14 @@ exactly outside the grown mask and the Fill output inside it; extraction receive
 is the hand-made dilation of the mask.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from bfs_core.errors import UserInputError
 from bfs_core.models.bfs_checkpoint import save_bfs_weights
@@ -212,3 +218,82 @@ def test_a_bfs_file_that_replaced_base_weights_needs_a_separate_fill(tiny, plain
     result = separate.decompose(*args, steps=1, short_side=0)
     outside = _grown_by_hand(64, 64, (20, 24, 36, 40), 8).expand_as(image) == 0
     assert torch.equal(result.background[outside], image[outside])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Headless: python -m bfs_core decompose --method fill_then_extract
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bfs_core", "decompose", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def _cli_scene(tmp_path) -> tuple[Path, Path]:
+    image, mask = _scene(80, 96, (30, 20, 50, 45))
+    Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / "image.png")
+    Image.fromarray((mask[0, 0].numpy() * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    return tmp_path / "image.png", tmp_path / "mask.png"
+
+
+def _cli_args(tiny, image, mask, out, **over) -> list[str]:
+    args = {
+        "method": "fill_then_extract",
+        "base": tiny["diffusers"],
+        "bfs": tiny["bfs_official_pt"],
+        "rgba-vae": tiny["rgba_bfs_release_folder"],
+        "image": image,
+        "mask": mask,
+        "prompt": "a red cube",
+        "steps": "2",
+        "dtype": "fp32",
+        "device": "cpu",
+        "out": out,
+        **over,
+    }
+    return [x for k, v in args.items() if v is not None for x in (f"--{k}", str(v))]
+
+
+def test_cli_fill_then_extract_end_to_end(tiny, tmp_path):
+    image, mask = _cli_scene(tmp_path)
+    done = _run_cli(*_cli_args(tiny, image, mask, tmp_path / "out", dilation="3", **{"layered-format": "psd"}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+    source = np.array(Image.open(image))
+    background = np.array(Image.open(written["background"]))
+    grown = _grown_by_hand(80, 96, (30, 20, 50, 45), 3)[0, 0].bool().numpy()
+    assert (background[~grown] == source[~grown]).all()  # the image's own pixels outside the grown mask
+    assert np.abs(background[grown].astype(int) - source[grown]).mean() > 5  # filled inside it
+    foreground = Image.open(written["foreground"])
+    assert foreground.mode == "RGBA" and foreground.size == (96, 80)
+    assert Path(written["layered"]).suffix == ".psd" and Path(written["layered"]).stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (dict(bfs=None), "--method fill_then_extract needs --bfs"),
+        (dict(weights="{decomposition}"), "--weights belong(s) to --method outpaint_and_remove"),
+        (dict(edge="{image}"), "--edge belong(s) to --method outpaint_and_remove"),
+        (dict(method="outpaint_and_remove", weights="{decomposition}"), "--bfs belong(s) to --method fill_then"),
+        (dict(dilation="-2"), "`--dilation` must be a whole number of pixels >= 0"),
+    ],
+)
+def test_cli_method_inputs_are_checked_before_loading(tiny, tmp_path, over, message, capsys, monkeypatch):
+    from bfs_core.__main__ import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr("bfs_core.pipelines.loading.load_pipeline", no_loading)
+    image, mask = _cli_scene(tmp_path)
+    fill = {"{decomposition}": str(tiny["decomposition"]), "{image}": str(image)}
+    over = {k: fill.get(v, v) for k, v in over.items()}
+    assert main(["decompose", *_cli_args(tiny, image, mask, tmp_path / "out", **over)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

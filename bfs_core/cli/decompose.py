@@ -1,4 +1,8 @@
-"""`python -m bfs_core decompose`: image + mask -> foreground.png (RGBA), background.png and a layered file."""
+"""`python -m bfs_core decompose`: image + mask -> foreground.png (RGBA), background.png and a layered file.
+
+Two methods (`--method`): `outpaint_and_remove` (the decomposition model: --weights) and `fill_then_extract`
+(FLUX.1-Fill-dev removal + BFS extraction: --bfs, public weights only; see `pipelines.decomposition`).
+"""
 
 from __future__ import annotations
 
@@ -42,8 +46,40 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+METHODS = ("outpaint_and_remove", "fill_then_extract")
+FILL_THEN_EXTRACT_SHORT_SIDE = 512  # BFS extraction's processing size (the release rule), as Extract Foreground
+# Inputs of one method only: given with the other, they are refused rather than silently ignored.
+OUTPAINT_ONLY = ("weights", "edge", "segmentation", "depth", "depth_model", "segmentation_model", "no_edges")
+FILL_THEN_EXTRACT_ONLY = ("bfs", "fill_prompt", "dilation")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from bfs_core.pipelines.decomposition import FILL_DILATION
+
     add_model_arguments(parser)
+    parser.add_argument(
+        "--method",
+        default="outpaint_and_remove",
+        choices=METHODS,
+        help="outpaint_and_remove: the decomposition model (--weights); fill_then_extract: FLUX.1-Fill-dev removes "
+        "the object, BFS extraction pulls it out (--bfs; weights you can download today)",
+    )
+    parser.add_argument(
+        "--bfs", help="fill_then_extract: BFS weights (official trained_weights.pt or our .safetensors)"
+    )
+    parser.add_argument(
+        "--fill-prompt",
+        default=None,
+        help="fill_then_extract: what the Fill step paints where the object was (default: empty; a description of the "
+        "background also works). --prompt is the extraction's (the object)",
+    )
+    parser.add_argument(
+        "--dilation",
+        type=int,
+        default=None,
+        help=f"fill_then_extract: pixels the mask grows by before the Fill (default {FILL_DILATION}); the background "
+        "keeps the image's own pixels outside the grown mask. Grow it over the shadow to remove the shadow too",
+    )
     parser.add_argument("--image", required=True, help="the photo to decompose")
     parser.add_argument("--mask", required=True, help="mask image, white = the object")
     parser.add_argument("--edge", help="edge map image (default: Canny of the image)")
@@ -61,7 +97,64 @@ def _check_paths(args, names) -> None:
 def resolved_short_side(args) -> int:
     from bfs_core.models.layer_decomposition import DEFAULT_SHORT_SIDE
 
-    return DEFAULT_SHORT_SIDE if args.short_side is None else args.short_side
+    if args.short_side is not None:
+        return args.short_side
+    return FILL_THEN_EXTRACT_SHORT_SIDE if getattr(args, "method", None) == "fill_then_extract" else DEFAULT_SHORT_SIDE
+
+
+def check_method_inputs(args) -> None:
+    """Each method's required inputs are there, and nothing of the other method was given (it would be ignored)."""
+    from bfs_core.errors import UserInputError
+
+    other = FILL_THEN_EXTRACT_ONLY if args.method == "outpaint_and_remove" else OUTPAINT_ONLY
+    given = [name for name in other if getattr(args, name) not in (None, False)]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        owner = "fill_then_extract" if args.method == "outpaint_and_remove" else "outpaint_and_remove"
+        raise UserInputError(
+            f"{flags} belong(s) to --method {owner} but the method is {args.method}: drop {flags}, or pass "
+            f"--method {owner}."
+        )
+    needed = ["weights", "rgba_vae"] if args.method == "outpaint_and_remove" else ["bfs", "rgba_vae"]
+    missing = ["--" + name.replace("_", "-") for name in needed if not getattr(args, name)]
+    if missing:
+        what = "Outpaint-and-Remove weights" if args.method == "outpaint_and_remove" else "BFS weights"
+        raise UserInputError(
+            f"--method {args.method} needs {' and '.join(missing)} ({what} and an RGBA VAE to decode the foreground)."
+        )
+    if args.method == "fill_then_extract" and args.dilation is not None and args.dilation < 0:
+        raise UserInputError(f"`--dilation` must be a whole number of pixels >= 0 but got {args.dilation}.")
+
+
+def load_fill_then_extract(args):
+    """(FillThenExtractPipeline, text encoders) from local files only: Flux-Fill + BFS, the Flux VAE, an RGBA VAE."""
+    from bfs_core.errors import UserInputError
+    from bfs_core.models.rgba_vae import load_rgba_decoder
+    from bfs_core.pipelines.decomposition import FillThenExtractPipeline
+    from bfs_core.pipelines.loading import load_pipeline, parse_dtype
+
+    _check_paths(args, ["base", "bfs", "vae", "rgba-vae", "text-encoders"])
+    base = Path(args.base)
+    if not args.text_encoders and not (base / "text_encoder_2").is_dir():
+        raise UserInputError(
+            f"No text encoders given and `--base` {str(base)!r} has none: pass --text-encoders (T5-XXL + CLIP-L "
+            "folder)."
+        )
+    dtype = parse_dtype(args.dtype)
+    names = {"base": "--base", "bfs": "--bfs", "vae": "--vae", "text_encoders": "--text-encoders"}
+    bfs = load_pipeline(
+        args.base,
+        args.bfs,
+        vae=args.vae,
+        text_encoders=args.text_encoders,
+        dtype=dtype,
+        device=args.device,
+        input_names=names,
+    )
+    decoder = load_rgba_decoder(
+        args.rgba_vae, device=args.device, dtype=dtype, flux_vae=bfs.codec.vae, name="--rgba-vae"
+    )
+    return FillThenExtractPipeline(bfs.model, bfs.codec, decoder, bfs.scheduler_config), bfs.text_encoders
 
 
 def load_components(args, baseline: bool = False):
@@ -148,16 +241,8 @@ def run(args) -> int:
     }
     # Checked before any model loads.
     cache_threshold = parse_cache_threshold(args.cache_threshold, "--cache-threshold")
-    model, codec, decoder, encoders, scheduler = load_components(args)
-    maps = estimated_maps(args, image, given)
-    embeds, pooled = encoders.encode([args.prompt])
-    result = DecompositionPipeline(model, codec, decoder, scheduler).decompose(
-        image,
-        mask,
-        embeds,
-        pooled,
-        **maps,
-        compute_edges=not args.no_edges,
+    check_method_inputs(args)
+    common = dict(
         seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
@@ -165,6 +250,27 @@ def run(args) -> int:
         callback=lambda i, total, _: print(f"step {i + 1}/{total}", end="\r", flush=True),
         cache_threshold=cache_threshold,
     )
+    if args.method == "fill_then_extract":
+        pipe, encoders = load_fill_then_extract(args)
+        embeds, pooled = encoders.encode([args.prompt])
+        fill_embeds, fill_pooled = encoders.encode([args.fill_prompt or ""])
+        result = pipe.decompose(
+            image,
+            mask,
+            embeds,
+            pooled,
+            fill_prompt_embeds=fill_embeds,
+            fill_pooled=fill_pooled,
+            **({} if args.dilation is None else {"dilation": args.dilation}),
+            **common,
+        )
+    else:
+        model, codec, decoder, encoders, scheduler = load_components(args)
+        maps = estimated_maps(args, image, given)
+        embeds, pooled = encoders.encode([args.prompt])
+        result = DecompositionPipeline(model, codec, decoder, scheduler).decompose(
+            image, mask, embeds, pooled, **maps, compute_edges=not args.no_edges, **common
+        )
     print()
     with output_folder(out):
         written = {
