@@ -254,14 +254,38 @@ def cache_threshold_input():
 
 # -- progress ------------------------------------------------------------------------------------------------------
 def progress(steps: int):
-    """(callback, interrupt) for bfs_core: a ComfyUI progress bar and the interrupt button."""
+    """(callback, interrupt) for bfs_core: a ComfyUI progress bar with the live preview, and the interrupt button."""
     bar = comfy.utils.ProgressBar(steps)
+    previewer = latent_previewer()
 
-    def callback(step: int, total: int, _latents) -> None:
-        bar.update_absolute(step + 1, total)
+    def callback(step: int, total: int, state) -> None:
+        if previewer is None:  # previews off
+            bar.update_absolute(step + 1, total)
+            return
+        latent = preview_latent(state).to(comfy.model_management.get_torch_device())  # where a TAESD previewer is
+        bar.update_absolute(step + 1, total, previewer.decode_latent_to_preview_image("JPEG", latent))
 
     def interrupt() -> bool:
         comfy.model_management.throw_exception_if_processing_interrupted()
         return False
 
     return callback, interrupt
+
+
+def latent_previewer():
+    """ComfyUI's latent previewer for Flux latents (its --preview-method: Latent2RGB, or TAESD when installed), or
+    None when previews are off (`--preview-method none`, ComfyUI's default)."""
+    try:
+        import latent_preview
+        from comfy import latent_formats
+    except ImportError:  # not inside ComfyUI (the core tests import this module with stubs)
+        return None
+    return latent_preview.get_previewer(comfy.model_management.get_torch_device(), latent_formats.Flux())
+
+
+def preview_latent(state) -> torch.Tensor:
+    """A sampler step's preview: the composite branch's clean estimate | the layer's, side by side, first item.
+
+    [1, 16, h, 2w] in normalised Flux latent space, what ComfyUI's previewers take (they show a sampler's x0)."""
+    comp, fg = state.unpacked_x0()  # [N, 16, h, w] each
+    return torch.cat([comp[:1], fg[:1]], dim=-1)
