@@ -204,3 +204,28 @@ def test_a_gguf_that_is_not_flux_is_named(tmp_path):
     weights = np.zeros((8, 32), dtype=np.float32)
     path = write_gguf(tmp_path / "llm.gguf", {"token_embd.weight": (weights, gguf.GGMLQuantizationType.F32)}, "llama")
     _expect_error(path, "not a FLUX transformer")
+
+
+# -- headless ---------------------------------------------------------------------------------------------------------
+def test_headless_bg2fg_on_a_gguf_base_is_the_same_with_every_offload_mode(tmp_path):
+    """`python -m bfs_core generate --base x.gguf --offload ...` (in this process: `main` is what the command runs)."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from bfs_core.__main__ import main
+    from bfs_core.tiny import write_tiny_set
+
+    tiny = write_tiny_set(tmp_path / "tiny")
+    Image.new("RGB", (64, 64), (100, 150, 200)).save(tmp_path / "bg.png")
+    latents = {}
+    for mode in ("none", "model", "block"):
+        args = ["--base", tiny["gguf_q8_0"], "--vae", tiny["vae"], "--text-encoders", tiny["text_encoders"]]
+        args += ["--bfs", tiny["bfs_release"], "--background", tmp_path / "bg.png", "--box", "8,8,40,48"]
+        args += ["--prompt", "a red cube", "--steps", "2", "--offload", mode, "--out", tmp_path / mode]
+        assert main(["generate", "--device", "cpu", *map(str, args)]) == 0
+        latents[mode] = load_file(tmp_path / mode / "fg_latent.safetensors")
+    assert latents["none"] and all(v.abs().mean() > 0 for v in latents["none"].values())
+    for mode in ("model", "block"):
+        assert latents[mode].keys() == latents["none"].keys()
+        for key, value in latents["none"].items():
+            assert torch.equal(latents[mode][key], value), (mode, key)

@@ -13,7 +13,7 @@ from .checks import check_output_dir, check_weights, load_image, output_folder, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="FLUX.1-Fill-dev: diffusers folder or single .safetensors")
+    parser.add_argument("--base", required=True, help="FLUX.1-Fill-dev: diffusers folder, .safetensors or .gguf")
     parser.add_argument("--bfs", required=True, help="BFS weights: official trained_weights.pt or our .safetensors")
     parser.add_argument("--vae", help="Flux VAE folder (default: <base>/vae)")
     parser.add_argument("--text-encoders", help="folder with text_encoder(_2)/ and tokenizer(_2)/ (default: <base>)")
@@ -30,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=30.0)
     parser.add_argument("--short-side", type=int, default=512, help="processing short side (0 = keep size)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument(
+        "--offload",
+        default="none",
+        choices=["none", "model", "block"],
+        help="keep the transformer's weights on the CPU: model = moved in whole for sampling, block = one block at "
+        "a time (least memory, slowest; see the README's GGUF and offloading section)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--cache-threshold",
@@ -66,7 +73,13 @@ def region_mask(args, height: int, width: int) -> torch.Tensor:
     return mask_from_box(box_from_mask(mask[0, 0]), height, width)[None, None]
 
 
-INPUT_NAMES = {"base": "--base", "bfs": "--bfs", "vae": "--vae", "text_encoders": "--text-encoders"}
+INPUT_NAMES = {
+    "base": "--base",
+    "bfs": "--bfs",
+    "vae": "--vae",
+    "text_encoders": "--text-encoders",
+    "offload": "--offload",
+}
 
 
 def run(args) -> int:
@@ -89,6 +102,7 @@ def run(args) -> int:
         dtype=dtype,
         device=args.device,
         input_names=INPUT_NAMES,
+        offload=args.offload,
     )
     decoder = None
     if args.rgba_vae:  # loaded before sampling, so a wrong file fails before the minutes of computing
@@ -111,6 +125,9 @@ def run(args) -> int:
         cache_threshold=cache_threshold,
     )
     print()
+    from bfs_core.offload import offload_now
+
+    offload_now(pipe.model.transformer)  # model offload: the device is free for the RGBA decode
     if result.full_evaluations < result.transformer_calls:
         print(f"step cache: {result.full_evaluations} of {result.transformer_calls} steps ran the whole transformer")
     rgba = None

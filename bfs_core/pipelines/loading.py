@@ -73,24 +73,28 @@ def load_pipeline(
     dtype: torch.dtype = torch.bfloat16,
     device: str = "cpu",
     input_names: dict[str, str] | None = None,
+    offload: str = "none",
 ) -> BFSPipeline:
     """Load everything from local files (nothing is downloaded).
 
     Args:
-        base: FLUX.1-Fill-dev as a diffusers pipeline folder (or its `transformer/`), or a single BFL safetensors file
-            (bf16 / fp8 / ComfyUI scaled fp8).
+        base: FLUX.1-Fill-dev as a diffusers pipeline folder (or its `transformer/`), a single BFL safetensors file
+            (bf16 / fp8 / ComfyUI scaled fp8), or a ComfyUI-GGUF `.gguf` file (Q8_0 ... Q4_K, computed in `dtype`).
         bfs: BFS weights: the official `trained_weights.pt` (or its folder) or our `.safetensors`.
         vae: the Flux VAE folder (diffusers AutoencoderKL); defaults to `<base>/vae` when `base` is a folder.
         text_encoders: a folder with `text_encoder/`, `tokenizer/`, `text_encoder_2/`, `tokenizer_2/`; defaults to
             `base` when it holds them. Optional: without it, prompt embeddings must be given.
         input_names: how the caller names these inputs (e.g. `{"text_encoders": "--text-encoders"}`), used in every
             error message.
+        offload: `none`, `model` or `block` (`bfs_core.offload`): with offloading the transformer is assembled on the
+            CPU and diffusers' / accelerate's hooks bring it to `device` as it runs.
     """
     from pathlib import Path
 
     from ..errors import UserInputError
     from ..models.bfs_checkpoint import load_bfs
     from ..models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config
+    from ..offload import apply_offload, parse_offload
 
     names = {"base": "base", "bfs": "bfs", "vae": "vae", "text_encoders": "text_encoders", **(input_names or {})}
     base_path = Path(base)
@@ -107,9 +111,13 @@ def load_pipeline(
         )
     if text_encoders is None and (base_path / "text_encoder_2").is_dir():
         text_encoders = base
+    offload = parse_offload(offload, names.get("offload", "offload"))
     vae_model = load_flux_vae(vae, dtype=dtype, device=device, name=names["vae"])  # small: checked first
-    transformer = load_flux_fill_transformer(base, torch_dtype=dtype, device=device, name=names["base"])
+    where = device if offload == "none" else "cpu"
+    transformer = load_flux_fill_transformer(base, torch_dtype=dtype, device=where, name=names["base"])
     model = load_bfs(transformer, bfs, name=names["bfs"])
+    if offload != "none":
+        apply_offload(transformer, offload, device)
     encoders = None
     if text_encoders is not None:
         from ..text_encoders import FluxTextEncoders
