@@ -26,11 +26,13 @@ RANKS = {
     "bfs_core.models": 1,
     "bfs_core.sampling": 1,
     "bfs_core.text_encoders": 1,
+    "bfs_core.latent_files": 1,  # ComfyUI .latent files (uses the Flux latent constants of models)
     "bfs_core.pipelines": 2,
     "bfs_core.cli": 3,
     "bfs_core.toy": 3,
     "bfs_core.tiny": 3,
     "bfs_core.bench": 3,
+    "bfs_core.memory": 3,  # the memory model (reads the dual-branch config, as bench does)
     "bfs_core.decomposition_eval": 3,
     "bfs_core.__main__": 3,
 }

@@ -1,4 +1,5 @@
-"""``python -m bfs_core rgba-decode``: decode a foreground latent file to a straight-alpha RGBA PNG."""
+"""``python -m bfs_core rgba-decode``: decode a foreground latent file (the pack's `.safetensors` or ComfyUI's
+`.latent` from Save Latent) to a straight-alpha RGBA PNG."""
 
 import argparse
 import logging
@@ -18,7 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vae", required=True, type=pathlib.Path, help="RGBA VAE: diffusers folder, .safetensors or .pth"
     )
-    parser.add_argument("--latent", required=True, type=pathlib.Path, help="LATENT.safetensors (tensor `latent`)")
+    parser.add_argument(
+        "--latent",
+        required=True,
+        type=pathlib.Path,
+        help="fg_latent.safetensors (tensor `latent`, as generate writes) or a ComfyUI Save Latent .latent file",
+    )
     parser.add_argument("--rgb", type=pathlib.Path, help="Flux-VAE RGB decode of the latent (LayerDiffuse format)")
     parser.add_argument("--flux-vae", type=pathlib.Path, help="FLUX.1 VAE diffusers folder, to decode the RGB itself")
     parser.add_argument("--out", required=True, type=pathlib.Path, help="output PNG (index added for batch > 1)")
@@ -37,13 +43,14 @@ def load_rgb(path: pathlib.Path, batch: int) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> int:
     from bfs_core.errors import UserInputError
-    from bfs_core.models.rgba_vae import load_latent_file, load_rgba_decoder
+    from bfs_core.latent_files import read_latent
+    from bfs_core.models.rgba_vae import load_rgba_decoder
     from bfs_core.pipelines.loading import load_flux_vae, parse_dtype
 
     check_weights(args.vae, "--vae")
     check_weights(args.flux_vae, "--flux-vae")
     check_output_file(args.out, "--out", (".png",))
-    latent = load_latent_file(args.latent, name="--latent")
+    latent = read_latent(args.latent, name="--latent")
     rgb = None
     if args.rgb is not None:
         rgb = load_rgb(args.rgb, latent.shape[0])
