@@ -348,3 +348,110 @@ def test_regional_compile_reaches_the_patched_blocks():
     assert len(compiled) == TINY_FLUX["num_layers"] + TINY_FLUX["num_single_layers"]
     for out, ref in zip(run(model, inputs), reference):
         assert (out - ref).abs().max() < 1e-5
+
+
+def test_complex_rope_is_bitwise_diffusers_apply_rotary_emb():
+    """`apply_rope` (one complex multiply) must give exactly what diffusers' real-arithmetic RoPE gives, on Flux's own
+    table, in fp32 and bf16 (CPU)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from bfs_core.models.dual_flux import apply_rope, rope_table
+    from bfs_core.sampling.flow_match import latent_image_ids
+
+    transformer = make_tiny_flux()
+    ids = torch.cat([torch.zeros(6, 3), latent_image_ids(8, 8)])
+    rope = transformer.pos_embed(ids)
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, ids.shape[0], 2, 32, generator=gen).to(dtype)
+        expected = apply_rotary_emb(x, rope, sequence_dim=1)
+        got = apply_rope(x, rope_table(rope))
+        assert got.dtype == dtype and torch.equal(got, expected)
+        assert (expected - x).abs().max() > 0.1  # the rotation is not the identity
+    with pytest.raises(ValueError, match="repeat each"):
+        rope_table((torch.rand(4, 8), torch.rand(4, 8)))
+
+
+def _naive_block_attention(attn, joint, processor_original, hidden, context, rope, n):
+    """What a joint block's attention must return, written plainly: the stock Flux processor for self-attention, plus
+    for each sample k the cross-branch messages computed row by row (diffusers' RoPE, explicit softmax) and projected
+    by the unfolded post, added where the release adds them."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    stock = processor_original(attn, hidden, context, None, rope)
+    heads, head_dim = attn.heads, attn.head_dim
+    seq = hidden.shape[1]
+    rope_rows = None if rope is None else tuple(t[-seq:] for t in rope)  # double blocks: image tokens only
+
+    def project(linear, lora, tokens, branch):
+        a, b = lora.lora_A[branch].weight, lora.lora_B[branch].weight
+        return tokens @ linear.weight.T + linear.bias + lora.lora_scale * (tokens @ a.T) @ b.T
+
+    def norm_rope(t, norm):
+        t = t.view(1, seq, heads, head_dim)
+        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+        return t if rope_rows is None else apply_rotary_emb(t, rope_rows, sequence_dim=1)
+
+    def message(q_tokens, q_branch, kv_tokens, kv_branch):
+        q = norm_rope(project(attn.to_q, joint.to_q, q_tokens, q_branch), attn.norm_q)[0].transpose(0, 1)
+        k = norm_rope(project(attn.to_k, joint.to_k, kv_tokens, kv_branch), attn.norm_k)[0].transpose(0, 1)
+        v = project(attn.to_v, joint.to_v, kv_tokens, kv_branch).view(seq, heads, head_dim).transpose(0, 1)
+        weights = torch.softmax(q @ k.transpose(1, 2) / head_dim**0.5, dim=-1)
+        out = (weights @ v).transpose(0, 1).reshape(seq, heads * head_dim)
+        if joint.to_out is not None:
+            out = project(attn.to_out[0], joint.to_out, out, q_branch)
+        return out
+
+    to_comp = torch.stack([message(hidden[k], "comp", hidden[n + k], "fg") for k in range(n)])
+    to_fg = torch.stack([message(hidden[n + k], "fg", hidden[k], "comp") for k in range(n)])
+    if isinstance(joint.post, torch.nn.Linear):
+        delta = torch.cat([to_comp, to_fg]) @ joint.post.weight.T
+    else:  # the paper's g on the channel concat, split back
+        g = joint.post
+        both = torch.cat([to_comp, to_fg], dim=-1) @ g.fc1.weight.T + g.fc1.bias
+        both = torch.nn.functional.gelu(both, approximate="tanh") @ g.fc2.weight.T + g.fc2.bias
+        delta = torch.cat(both.chunk(2, dim=-1))
+    if context is None:
+        return stock + delta
+    return stock[0] + delta, stock[1]
+
+
+@pytest.mark.parametrize(
+    "config, folded",
+    [(DualBranchConfig.release(), False), (DualBranchConfig.release(), True), (DualBranchConfig.paper(), False)],
+    ids=["release", "release-folded", "paper"],
+)
+def test_fast_joint_processor_equals_a_naive_implementation(config, folded):
+    """The fused processor (shared base projections, complex RoPE, batched LoRA, folded post) against the naive
+    per-sample formulas above, in a double and a single block, with norm weights that are not all ones."""
+    transformer = make_tiny_flux()
+    patch_dual_branch(transformer, config)
+    randomize_bfs_parameters(transformer, std=0.1)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if ".norm_q." in name or ".norm_k." in name or ".norm_added_" in name:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+    prepare_for_inference(transformer, fold=folded)
+    n, text_len, image_len, dim = 2, 6, 16, 64
+    from bfs_core.sampling.flow_match import latent_image_ids
+
+    rope = transformer.pos_embed(torch.cat([torch.zeros(text_len, 3), latent_image_ids(8, 8)]))
+    blocks = list(transformer.single_transformer_blocks)
+    if config.joint_placement == "all":
+        blocks = [transformer.transformer_blocks[0]] + blocks
+    assert folded == blocks[0].joint.folded
+    for block in blocks:
+        double = block in transformer.transformer_blocks
+        hidden = torch.randn(2 * n, image_len if double else text_len + image_len, dim, generator=gen)
+        context = torch.randn(2 * n, text_len, dim, generator=gen) if double else None
+        processor = block.attn.get_processor()
+        with torch.no_grad():
+            got = processor(block.attn, hidden, context, None, rope)
+            expected = _naive_block_attention(block.attn, block.joint, processor.original, hidden, context, rope, n)
+        got, expected = (got, expected) if double else ((got,), (expected,))
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape
+            assert (g - e).abs().max() < 1e-5 * max(1.0, e.abs().max().item())
+        stock = processor.original(block.attn, hidden, context, None, rope)
+        assert (got[0] - (stock[0] if double else stock)).abs().max() > 1e-3  # the joint message is not zero

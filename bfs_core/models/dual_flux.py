@@ -37,7 +37,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel, FluxTransformerBlock
 from torch import nn
 
@@ -256,12 +255,37 @@ def _attention(attn: nn.Module, q, k, v) -> torch.Tensor:
     return dispatch_attention_fn(q, k, v, backend=backend, **extra)
 
 
-def _heads_norm_rope(x: torch.Tensor, head_dim: int, norm: nn.Module | None, rope) -> torch.Tensor:
+def rope_table(rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+    """Flux's rotary (cos, sin) table, [S, D] each with every value repeated for a channel pair, as one complex
+    table [S, D/2]: rotating a pair (x0, x1) by the angle is then the complex product (x0 + i·x1)·(cos + i·sin)."""
+    if rope is None:
+        return None
+    cos, sin = rope
+    # Checked where it is free (on the CPU, eager): on an accelerator the comparison would synchronise every block.
+    checkable = cos.device.type == "cpu" and not torch.compiler.is_compiling()
+    if checkable and not (torch.equal(cos[..., 0::2], cos[..., 1::2]) and torch.equal(sin[..., 0::2], sin[..., 1::2])):
+        raise ValueError(
+            "The rotary table must repeat each (cos, sin) value for both channels of a pair, as diffusers' "
+            "FluxPosEmbed builds it (repeat_interleave_real=True)."
+        )
+    return torch.complex(cos[..., 0::2].float(), sin[..., 0::2].float())
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """diffusers' `apply_rotary_emb(x, rope, sequence_dim=1)` for x [B, S, H, D] in one complex multiply instead of
+    its unbind/negate/stack/two multiplies/add (about 6× less CPU time). The same float32 products and sum per
+    output, so the result is bitwise the same on the CPU (tested); `table` from `rope_table`."""
+    pairs = x.float().contiguous().unflatten(-1, (-1, 2))  # no copy for the fresh q/k the callers pass
+    rotated = torch.view_as_complex(pairs) * table[:, None, :]
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
+
+
+def _heads_norm_rope(x: torch.Tensor, head_dim: int, norm: nn.Module | None, table) -> torch.Tensor:
     x = x.unflatten(-1, (-1, head_dim))  # [B, S, H*D] -> [B, S, H, D]
     if norm is not None:
         x = norm(x)
-    if rope is not None:
-        x = apply_rotary_emb(x, rope, sequence_dim=1)
+    if table is not None:
+        x = apply_rope(x, table)
     return x
 
 
@@ -412,7 +436,7 @@ class JointAttention(nn.Module):
         self,
         normed: torch.Tensor,
         attn: nn.Module,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None,
         base_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Cross-branch messages for one block.
@@ -420,7 +444,8 @@ class JointAttention(nn.Module):
         Args:
             normed: the block's modulated input tokens, [2N, S, D] (comp rows then fg rows).
             attn: the block's `FluxAttention` (frozen base projections and q/k norms).
-            rope: the (cos, sin) table for these S tokens, shared by both branches so positions align.
+            rope: the (cos, sin) table for these S tokens (or its complex form, `rope_table`), shared by both
+                branches so positions align.
             base_qkv: the block's base projections of `normed` ([2N, S, D] each), already computed for its
                 self-attention (fast path). `None` recomputes them (reference path).
 
@@ -445,8 +470,9 @@ class JointAttention(nn.Module):
             lora.lora_add(base, down[..., i * rank : (i + 1) * rank])
             for i, (lora, base) in enumerate(zip((self.to_q, self.to_k, self.to_v), base_qkv))
         )
-        q = _heads_norm_rope(q, self.head_dim, self._norm(attn, "norm_q"), rope)
-        k = _heads_norm_rope(k, self.head_dim, self._norm(attn, "norm_k"), rope)
+        table = rope if rope is None or isinstance(rope, torch.Tensor) else rope_table(rope)
+        q = _heads_norm_rope(q, self.head_dim, self._norm(attn, "norm_q"), table)
+        k = _heads_norm_rope(k, self.head_dim, self._norm(attn, "norm_k"), table)
         v = v.unflatten(-1, (-1, self.head_dim))
         messages = _cross_attention(attn, q, k, v).flatten(2, 3).to(q.dtype)  # [2N, S, H, D] -> [2N, S, H*D]
         return self._project_out_and_post(attn, messages)
@@ -506,22 +532,21 @@ class JointAttnProcessor:
             q = torch.cat([attn.norm_added_q(eq), q], dim=1)
             k = torch.cat([attn.norm_added_k(ek), k], dim=1)
             v = torch.cat([ev, v], dim=1)
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        table = rope_table(image_rotary_emb)
+        if table is not None:
+            q, k = apply_rope(q, table), apply_rope(k, table)
         out = _attention(attn, q, k, v).flatten(2, 3).to(q.dtype)
         base_qkv = (base_q, base_k, base_v)
         if encoder_hidden_states is None:  # single block: text and image tokens in one sequence
             if self.joint.active:
-                out = out + self.joint(hidden_states, attn, image_rotary_emb, base_qkv)
+                out = out + self.joint(hidden_states, attn, table, base_qkv)
             return out
         context, image = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
         image = attn.to_out[1](attn.to_out[0](image.contiguous()))
         context = attn.to_add_out(context.contiguous())
         if self.joint.active:
             # Image tokens only; the image part of the rotary table equals a table built from img_ids alone.
-            rope_img = None if image_rotary_emb is None else tuple(t[text_len:] for t in image_rotary_emb)
-            image = image + self.joint(hidden_states, attn, rope_img, base_qkv)
+            image = image + self.joint(hidden_states, attn, None if table is None else table[text_len:], base_qkv)
         return image, context
 
 
