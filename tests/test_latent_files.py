@@ -180,3 +180,33 @@ def test_wrong_files_get_clear_errors(tmp_path, capsys):
     assert "--latent" in err and "old.latent" in err and "latent_format_version_0" in err
     with pytest.raises(ValueError, match="must end in '.latent'"):
         save_comfy_latent(tmp_path / "fg.safetensors", _latent())
+
+
+def test_generate_writes_comfyui_latents_next_to_its_own(tmp_path, capsys):
+    """Headless -> ComfyUI: `generate` writes fg/comp `.latent` files holding its latents; `rgba-decode` decodes the
+    `.latent` like the pack's file (the same image up to the float32 rounding of the two conversions)."""
+    from bfs_core.__main__ import main
+    from bfs_core.tiny.sets import write_tiny_set
+
+    tiny = write_tiny_set(tmp_path / "tiny")
+    Image.new("RGB", (48, 40), (100, 150, 200)).save(tmp_path / "bg.png")
+    flags = ["--base", str(tiny["diffusers"]), "--bfs", str(tiny["bfs_release"]), "--box", "8,8,24,24"]
+    flags += ["--background", str(tmp_path / "bg.png"), "--prompt", "a red cube", "--steps", "2", "--dtype", "fp32"]
+    assert main(["generate", *flags, "--out", str(tmp_path / "out")]) == 0
+    written = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
+    for name in ("fg_latent", "comp_latent"):
+        ours, comfy = Path(written[name]), Path(written[f"{name}_comfyui"])
+        assert comfy == ours.with_suffix(".latent")
+        z = read_latent(ours)
+        assert z.std() > 0
+        err = (read_latent(comfy) - z).abs().max().item()
+        assert err <= 4 * torch.finfo(torch.float32).eps * (z.abs().max().item() + 1)
+    pngs = []
+    for latent in (written["fg_latent"], written["fg_latent_comfyui"]):
+        out = tmp_path / f"{Path(latent).suffix[1:]}.png"
+        assert (
+            main(["rgba-decode", "--vae", str(tiny["rgba_bfs_release_folder"]), "--latent", latent, "--out", str(out)])
+            == 0
+        )
+        pngs.append(np.asarray(Image.open(out)).astype(int))
+    assert np.abs(pngs[0] - pngs[1]).max() <= 1

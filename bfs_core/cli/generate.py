@@ -83,6 +83,7 @@ INPUT_NAMES = {
 
 
 def run(args) -> int:
+    from bfs_core.latent_files import save_comfy_latent
     from bfs_core.models.rgba_vae import save_latent_file
     from bfs_core.pipelines.loading import load_pipeline, parse_dtype
 
@@ -141,6 +142,9 @@ def run(args) -> int:
         written = {
             "fg_latent": save_latent_file(out / "fg_latent.safetensors", result.fg_latent),
             "comp_latent": save_latent_file(out / "comp_latent.safetensors", result.comp_latent),
+            # the same latents as ComfyUI's Save Latent writes them: Load Latent reads them (copy to ComfyUI/input)
+            "fg_latent_comfyui": save_comfy_latent(out / "fg_latent.latent", result.fg_latent),
+            "comp_latent_comfyui": save_comfy_latent(out / "comp_latent.latent", result.comp_latent),
             "composite": _save_image(result.composite, out / "composite.png"),
             "mask": _save_image(mask, out / "mask.png"),
         }
