@@ -106,6 +106,24 @@ def test_gguf_sizes_are_ggml_blocks():
     assert tensor_bytes(TensorSpec("x_embedder.bias", (64,), "x_embedder"), "q4_k") == 128  # 1-D: compute dtype
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k"])
+def test_weight_bytes_match_tiny_gguf_models_as_loaded(tmp_path, fmt):
+    """The pack's GGUF loader on the tiny GGUF files (bfs_core.tiny.gguf), patched for BFS: bytes as held."""
+    pytest.importorskip("gguf")
+    from bfs_core.models.flux_fill_loading import load_flux_fill_transformer
+    from bfs_core.models.gguf import weight_bytes as held_bytes
+    from bfs_core.tiny.flux import _tiny_fill_config
+    from bfs_core.tiny.gguf import tiny_q4_k_config, write_tiny_flux_fill_gguf
+
+    cfg = {k: v for k, v in (tiny_q4_k_config() if fmt == "q4_k" else _tiny_fill_config()).items() if k[0] != "_"}
+    transformer = load_flux_fill_transformer(write_tiny_flux_fill_gguf(tmp_path)[f"gguf_{fmt}"])
+    assert held_bytes(transformer) == sum(tensor_bytes(s, fmt) for s in flux_inventory(cfg))
+    DualBranchFlux(transformer, RELEASE)
+    randomize_bfs_parameters(transformer, seed=1)
+    prepare_for_inference(transformer)
+    assert held_bytes(transformer) == weight_bytes(cfg, RELEASE, fmt).total
+
+
 def test_real_model_weights_and_targets():
     bf16 = weight_bytes(REAL, RELEASE, "bf16")
     bfs_values = sum(s.numel for s in bfs_inventory(REAL, RELEASE))
