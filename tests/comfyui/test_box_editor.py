@@ -250,3 +250,23 @@ def test_without_a_picture_the_numbers_work_and_a_run_shows_its_input(
     editor = show(frontend)  # the node's input of that run, sent back as `bfs_background`, is now the picture
     assert editor["size"] == [64, 64] and "type=temp" in editor["src"], editor
     assert editor["value"] == "12,20,18,14" and editor["rect"]["width"] > 0
+
+
+@pytest.mark.parametrize("node_type", ["BFSExtractForeground", "BFSDecomposeLayers"])
+def test_the_other_region_nodes_have_the_editor(
+    frontend: ComfyFrontend, comfy_object_info: dict, background: str, node_type: str
+):
+    """Extract Foreground (on its `background`) and Decompose Layers (on its `image`) get the same editor; the drawn
+    box goes into their prompt (their runs need real model files, so only the prompt is checked)."""
+    image_input = {"BFSExtractForeground": "background", "BFSDecomposeLayers": "image"}[node_type]
+    nodes = {
+        LOAD: ("LoadImage", {"image": background}, {}),
+        SAMPLER: (node_type, {}, {image_input: (LOAD, 0)}),
+    }
+    frontend.load(_make_workflows().to_ui(nodes, comfy_object_info), "other_node.json")
+    editor = show(frontend)
+    assert editor["size"] == [64, 64] and "type=input" in editor["src"]
+    editor = drag(frontend, editor, (20, 10), (8, 40))  # drawn up and to the left: the box is normalised
+    assert editor["value"] == "8,10,12,30"
+    prompt = frontend.page.evaluate(PROMPT_JS)
+    assert prompt[str(SAMPLER)]["inputs"]["box"] == "8,10,12,30"
