@@ -26,6 +26,7 @@ RANKS = {
     "bfs_core.models": 1,
     "bfs_core.sampling": 1,
     "bfs_core.text_encoders": 1,
+    "bfs_core.offload": 1,  # offload hooks on the models (torch and diffusers only)
     "bfs_core.latent_files": 1,  # ComfyUI .latent files (uses the Flux latent constants of models)
     "bfs_core.pipelines": 2,
     "bfs_core.cli": 3,
