@@ -16,7 +16,8 @@ Weights (B = bytes per stored value):
   1 B per value (weight *and* bias) for each Linear outside its skip patterns, 2 B for the rest. Its patterns
   (`norm`, `proj_out$`, `pos_embed`, `time_text_embed`, `x_embedder`, `joint`) are searched in module paths, so they
   also keep in bf16 every AdaLN modulation Linear (`…norm1.linear`, `…norm1_context.linear`, `…norm.linear`,
-  `norm_out.linear`) and every single block's `proj_out` (5D→D): about 4.9 B of FLUX's 11.9 B parameters.
+  `norm_out.linear`) and every single block's `proj_out` (5D→D): 5.0 B parameters, so 5.1 B of FLUX's 11.9 B stay
+  in bf16.
 - `fp8_all`: every 2-D weight of every block in fp8 (a stored fp8 checkpoint, scaled fp8's per-layer fp32 scales
   included, 4 B each); biases, norm scales, embedders, `norm_out`, `proj_out` in bf16.
 - `q8_0` / `q4_k` (GGUF, as city96's conversions and `bfs_core.tiny.gguf` write them): every 2-D tensor whose rows
