@@ -22,7 +22,7 @@ Each process uses `--threads` torch threads (default 1).
 The toy decomposition model (Outpaint-and-Remove, bfs_core/toy/decomposition.py):
     python scripts/train_toy.py --decomposition [--ship]        the main model (training/configs/toy_decompose.yaml)
     python scripts/train_toy.py --decomposition-ablations       w/o fusion, w/o fg context, w/o joint + the full
-                                                                recipe, each at DECOMPOSITION_ABLATION_STEPS; writes
+                                                                recipe, each at DECOMPOSITION_ABLATION_BUDGET; writes
                                                                 bfs_core/toy/results/decomposition.{md,json}
 They train on the toy Fill base of this --work folder when a full run made one (model/flux-fill), else on the shipped
 one (bfs_core/toy/weights/flux-fill), with its RGBA VAE. Data: DECOMPOSITION_SCENES training scenes (seeds 0…).
@@ -70,7 +70,7 @@ ABLATIONS = {
 
 # Decomposition: scenes, the ablation budget, and the variants (TrainConfig overrides of toy_decompose.yaml).
 DECOMPOSITION_SCENES = 3000
-DECOMPOSITION_ABLATION_STEPS = 500
+DECOMPOSITION_ABLATION_BUDGET = {"max_steps": 150, "batch_size": 8}  # each variant; the main run: the yaml's
 DECOMPOSITION_ABLATIONS = {
     "full": {},
     "no_fusion": {"decomposition_overrides": {"modalities": []}, "edges": False, "maps_from_data": False},
@@ -304,12 +304,12 @@ def ship_decomposition(work: Path, weights: Path, dest: Path | None = None) -> N
 def decomposition_ablations(work: Path, args: argparse.Namespace) -> None:
     from bfs_core.toy.evaluate_decomposition import write_decomposition_results
 
-    steps = {"max_steps": DECOMPOSITION_ABLATION_STEPS}
+    steps = DECOMPOSITION_ABLATION_BUDGET
     variants = {
         name: train_decomposition(work, f"ablation_{name}", {**steps, **over})
         for name, over in DECOMPOSITION_ABLATIONS.items()
     }
-    write_decomposition_results(variants, scenes=args.eval_count, steps=20, seed=0)
+    write_decomposition_results(variants, scenes=args.eval_count, steps=12, seed=0)
 
 
 def main() -> None:
