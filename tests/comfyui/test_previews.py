@@ -1,6 +1,7 @@
 """Live previews in the real server: while BG2FG Sample runs, ComfyUI sends one preview image per step over the
 websocket (the composite branch's clean estimate | the layer's, through ComfyUI's own Latent2RGB previewer), and
-none when previews are off (`--preview-method none`, ComfyUI's default: the session server).
+none when previews are off (`--preview-method none`, ComfyUI's default: the session server); in the browser the
+frontend puts them on the sampler nodes of `workflows/toy_scene.json`.
 
 The websocket is read with aiohttp (ComfyUI's own dependency, so present in its venv), imported where it is used.
 """
@@ -20,8 +21,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from .comfy_browser import ComfyFrontend, frontend_available
 from .comfy_client import ComfyClient
-from .comfy_harness import comfy_paths, prepare_base_dir, start_server
+from .comfy_harness import PACK_DIR, comfy_paths, prepare_base_dir, start_server
 
 
 STEPS = 6
@@ -178,3 +180,45 @@ def test_no_previews_when_comfyui_previews_are_off(comfy):
     assert run.status == "execution_success", _failure(run)
     assert [p["value"] for p in run.progress if p["node"] == "sample"] == list(range(1, STEPS + 1))
     assert run.previews == []
+
+
+WATCH_JS = """() => {
+    const api = window.app.api, seen = {previews: [], progress: [], done: null};
+    window.__bfsSeen = seen;
+    api.addEventListener('b_preview_with_metadata', ({detail}) => {
+        const id = detail.displayNodeId;
+        // the frontend's own handler runs first: the node's preview image is set by now
+        seen.previews.push({id, type: detail.blob.type, size: detail.blob.size,
+                            onNode: (window.app.nodePreviewImages[id] || []).length});
+    });
+    api.addEventListener('progress', ({detail}) => seen.progress.push({id: detail.node, max: detail.max}));
+    for (const kind of ['execution_success', 'execution_error']) {
+        api.addEventListener(kind, ({detail}) => { seen.done = {kind, message: detail.exception_message}; });
+    }
+}"""
+
+
+def test_the_browser_shows_the_previews_on_the_sampler_nodes(preview_server):
+    reason = frontend_available()
+    if reason:
+        pytest.skip(reason)
+    workflow = json.loads((PACK_DIR / "workflows" / "toy_scene.json").read_text())
+    samplers = sorted(str(n["id"]) for n in workflow["nodes"] if n["type"] == "BFSBG2FGSample")
+    assert len(samplers) == 2, samplers
+    frontend = ComfyFrontend(preview_server.url).open()
+    try:
+        loaded = frontend.load(workflow, "toy_scene.json")
+        assert not loaded.missing and loaded.prompt, loaded
+        frontend.page.evaluate(WATCH_JS)
+        frontend.page.evaluate("() => window.app.queuePrompt(0, 1)")  # what the Run button does
+        frontend.page.wait_for_function("() => window.__bfsSeen.done", timeout=300_000)
+        seen = frontend.page.evaluate("() => window.__bfsSeen")
+    finally:
+        frontend.close()
+    assert seen["done"]["kind"] == "execution_success", seen["done"]
+    for node in samplers:
+        steps = {p["max"] for p in seen["progress"] if p["id"] == node}
+        previews = [p for p in seen["previews"] if p["id"] == node]
+        assert len(steps) == 1 and len(previews) == steps.pop() > 0, (node, steps, len(previews))
+        assert all(p["type"] == "image/jpeg" and p["size"] > 0 and p["onNode"] == 1 for p in previews), previews
+    assert {p["id"] for p in seen["previews"]} == set(samplers)  # only the samplers preview
