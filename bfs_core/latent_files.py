@@ -90,8 +90,8 @@ def read_latent(path: str | pathlib.Path, name: str = "latent") -> torch.Tensor:
         return load_comfy_latent(path, name)
     if suffix != ".safetensors":
         raise UserInputError(
-            f"`{name}` file {str(path)!r} must be a ComfyUI `.latent` file (Save Latent) or a `.safetensors` latent "
-            "file as `generate` writes (fg_latent.safetensors / fg_latent.latent)."
+            f"`{name}` file {str(path)!r} must be an existing .safetensors file holding a `latent` tensor (as "
+            "`generate` writes: fg_latent.safetensors) or a ComfyUI `.latent` file (Save Latent, fg_latent.latent)."
         )
     return load_latent_file(path, name)
 

@@ -164,7 +164,7 @@ def test_wrong_files_get_clear_errors(tmp_path, capsys):
             "4 channels: an SD1/SDXL latent",
         ),
         (tmp_path / "missing.latent", "does not exist"),
-        (tmp_path / "fg.png", "must be a ComfyUI `.latent` file"),
+        (tmp_path / "fg.png", "or a ComfyUI `.latent` file"),
     ]
     for path, message in cases:
         with pytest.raises(UserInputError, match=message.replace("(", r"\(")):
