@@ -93,6 +93,14 @@ def apply_offload(
     else:
         from diffusers.hooks import apply_group_offloading
 
+        if group_offloading_needs_an_accelerator():
+            import diffusers
+
+            raise ValueError(
+                f"`offload` 'block' cannot run on this machine: it has no GPU, and the group offloading of diffusers "
+                f"{diffusers.__version__} needs one (newer diffusers run it on the CPU). On a CPU, block offloading "
+                "saves nothing: use 'none'."
+            )
         stream = device.type == "cuda" if use_stream is None else use_stream
         transformer.to(offload_device)
         apply_group_offloading(
@@ -105,6 +113,18 @@ def apply_offload(
         )
     setattr(transformer, _STATE, {"mode": mode, "device": device, "hook": hook})
     logger.info("Offloading %s: computing on %s, weights kept on %s", mode.value, device, offload_device)
+
+
+def group_offloading_needs_an_accelerator() -> bool:
+    """True where diffusers' group offloading cannot be set up: no accelerator and a diffusers (0.35 at the low end
+    of the range) whose `ModuleGroup` reads `torch.accelerator.current_accelerator().type` unconditionally."""
+    import inspect
+
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+    if hasattr(torch, "accelerator") and torch.accelerator.current_accelerator() is not None:
+        return False
+    return "current_accelerator().type" in inspect.getsource(ModuleGroup.__init__)
 
 
 def offload_now(transformer: torch.nn.Module) -> None:

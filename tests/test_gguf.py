@@ -217,15 +217,18 @@ def test_headless_bg2fg_on_a_gguf_base_is_the_same_with_every_offload_mode(tmp_p
 
     tiny = write_tiny_set(tmp_path / "tiny")
     Image.new("RGB", (64, 64), (100, 150, 200)).save(tmp_path / "bg.png")
+    from bfs_core.offload import group_offloading_needs_an_accelerator
+
+    modes = ("none", "model") if group_offloading_needs_an_accelerator() else ("none", "model", "block")
     latents = {}
-    for mode in ("none", "model", "block"):
+    for mode in modes:
         args = ["--base", tiny["gguf_q8_0"], "--vae", tiny["vae"], "--text-encoders", tiny["text_encoders"]]
         args += ["--bfs", tiny["bfs_release"], "--background", tmp_path / "bg.png", "--box", "8,8,40,48"]
         args += ["--prompt", "a red cube", "--steps", "2", "--offload", mode, "--out", tmp_path / mode]
         assert main(["generate", "--device", "cpu", *map(str, args)]) == 0
         latents[mode] = load_file(tmp_path / mode / "fg_latent.safetensors")
     assert latents["none"] and all(v.abs().mean() > 0 for v in latents["none"].values())
-    for mode in ("model", "block"):
+    for mode in modes[1:]:  # block needs a GPU with diffusers 0.35 (see test_offload.py)
         assert latents[mode].keys() == latents["none"].keys()
         for key, value in latents["none"].items():
             assert torch.equal(latents[mode][key], value), (mode, key)
