@@ -280,7 +280,9 @@ def train_decomposition(work: Path, name: str, overrides: dict) -> Path:
         "minutes": round((time.time() - start) / 60, 1),
         "first_loss": losses[0] if losses else None,
         "final_loss_mean_last_100": sum(tail) / max(len(tail), 1),
-        "base": str(base["flux_fill"]),
+        "base": str(
+            base["flux_fill"].relative_to(REPO) if base["flux_fill"].is_relative_to(REPO) else base["flux_fill"]
+        ),
         "threads": torch.get_num_threads(),
     }
     atomic_write_text(out / "train_record.json", json.dumps(record, indent=2))
