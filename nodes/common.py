@@ -206,17 +206,37 @@ class PatchedModel:
     patcher: comfy.model_patcher.ModelPatcher
     scheduler_config: dict
     name: str
+    block_offload: bool = False
 
     @classmethod
-    def wrap(cls, inner: torch.nn.Module, scheduler_config: dict, name: str) -> PatchedModel:
+    def wrap(cls, inner: torch.nn.Module, scheduler_config: dict, name: str, offload: str = "none") -> PatchedModel:
+        """`offload="block"` (Load BFS): diffusers' group offloading streams the transformer's blocks to the device as
+        it runs, so ComfyUI keeps the model on the CPU and, before each run, frees what the blocks need on the device.
+        `none` / `model`: ComfyUI itself moves the whole model in for sampling and out when other models need the
+        room (its own model-level offloading), at the model's real size (quantised GGUF blocks count as their bytes).
+        """
         mm = comfy.model_management
+        block = offload == "block"
+        if block:
+            from ..bfs_core.offload import apply_offload
+
+            apply_offload(inner.transformer, "block", mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        load_device = mm.unet_offload_device() if block else mm.get_torch_device()
         patcher = comfy.model_patcher.ModelPatcher(
-            _PatcherModule(inner), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+            _PatcherModule(inner), load_device=load_device, offload_device=mm.unet_offload_device()
         )
-        return cls(patcher=patcher, scheduler_config=scheduler_config, name=name)
+        return cls(patcher=patcher, scheduler_config=scheduler_config, name=name, block_offload=block)
 
     def load(self) -> torch.nn.Module:
         """Ask ComfyUI's memory management to put the model on the compute device (offloading others if needed)."""
+        if self.block_offload:  # the hooks bring blocks in one at a time: free what they need, keep the rest here
+            from ..bfs_core.offload import device_weight_bytes
+
+            inner = self.patcher.model.inner
+            device = comfy.model_management.get_torch_device()
+            if device.type != "cpu":
+                comfy.model_management.free_memory(device_weight_bytes(inner.transformer, "block"), device)
+            return inner
         # force_full_load: ComfyUI's partial loading moves only modules whose parameters are all their own and casts
         # only comfy.ops layers on the fly. The BFS Linears carry per-branch adapter children, so a partial load would
         # leave them on the CPU and fail later with a device mismatch: the model is loaded whole (freeing other models

@@ -15,7 +15,9 @@ from ..bfs_core.errors import UserInputError, open_safetensors, sniff_file
 from ..bfs_core.models.bfs_checkpoint import load_bfs
 from ..bfs_core.models.dual_flux import store_weights_in_fp8
 from ..bfs_core.models.flux_fill_loading import load_flux_fill_transformer, load_shipped_config
+from ..bfs_core.models.gguf import GGUF_SUFFIX
 from ..bfs_core.models.rgba_vae import load_rgba_decoder
+from ..bfs_core.offload import Offload
 from .common import PatchedModel, combo_value
 
 
@@ -45,6 +47,53 @@ def check_model_file(folder: str, filename: str, input_name: str) -> bool | str:
     return True
 
 
+def _gguf_folders() -> list[str]:
+    """Where .gguf bases are: models/diffusion_models and models/unet, and ComfyUI-GGUF's `unet_gguf` when that pack
+    registered it (its folders list only .gguf files; diffusion_models' extension filter hides them)."""
+    folders = list(folder_paths.get_folder_paths("diffusion_models"))
+    if "unet_gguf" in folder_paths.folder_names_and_paths:
+        folders += [f for f in folder_paths.get_folder_paths("unet_gguf") if f not in folders]
+    return folders
+
+
+def base_model_files() -> list[str]:
+    """Load BFS's `base_model` choices: models/diffusion_models (+ models/unet) files and every .gguf there."""
+    names = list(folder_paths.get_filename_list("diffusion_models"))
+    for folder in _gguf_folders():
+        if os.path.isdir(folder):
+            found = folder_paths.filter_files_extensions(folder_paths.recursive_search(folder)[0], {GGUF_SUFFIX})
+            names += [n for n in found if n not in names]
+    return sorted(names)
+
+
+def base_model_path(name: str) -> str | None:
+    if not name.lower().endswith(GGUF_SUFFIX):
+        return folder_paths.get_full_path("diffusion_models", name)
+    for folder in _gguf_folders():
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def check_base_model(name: str) -> bool | str:
+    """`check_model_file` for Load BFS's base, which can also be a .gguf (checked to start like one)."""
+    if not isinstance(name, str) or not name.lower().endswith(GGUF_SUFFIX):
+        return check_model_file("diffusion_models", name, "base_model")
+    path = base_model_path(name)
+    if path is None:
+        searched = ", ".join(_gguf_folders())
+        return (
+            f"`base_model`: {name!r} is not in models/diffusion_models or models/unet (searched {searched}). Put "
+            "the file there, then press R in ComfyUI to refresh the lists."
+        )
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            found = sniff_file(path) or "it does not start with the GGUF magic bytes"
+            return f"`base_model` file {path!r} is not a GGUF file ({found}): re-download it."
+    return True
+
+
 class WeightDtype(str, Enum):
     BF16 = "bf16"
     FP8 = "fp8_e4m3fn"
@@ -62,9 +111,10 @@ class LoadBFS(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "base_model",
-                    options=folder_paths.get_filename_list("diffusion_models"),
-                    tooltip="FLUX.1-Fill-dev from models/diffusion_models (bf16, fp8 or scaled fp8). "
-                    "FLUX.1-dev will not do: BFS needs the Fill model's 384 input channels.",
+                    options=base_model_files(),
+                    tooltip="FLUX.1-Fill-dev from models/diffusion_models or models/unet: bf16, fp8, scaled fp8, or "
+                    "a ComfyUI-GGUF .gguf (Q8_0 ... Q4_K, kept quantised, computed in bf16). FLUX.1-dev will not "
+                    "do: BFS needs the Fill model's 384 input channels.",
                 ),
                 io.Combo.Input(
                     "bfs_weights",
@@ -77,7 +127,18 @@ class LoadBFS(io.ComfyNode):
                     options=[d.value for d in WeightDtype],
                     default=WeightDtype.BF16.value,
                     tooltip="bf16: as released. fp8_e4m3fn: store the frozen Flux weights in fp8 "
-                    "(about half the memory, computed in bf16). fp32: for CPU runs.",
+                    "(about half the memory, computed in bf16). fp32: for CPU runs. A GGUF base stays in its "
+                    "quantisation (bf16 and fp32 set the compute dtype).",
+                ),
+                io.Combo.Input(
+                    "offload",
+                    options=[m.value for m in Offload],
+                    default=Offload.NONE.value,
+                    optional=True,
+                    tooltip="none / model: ComfyUI moves the whole model to the GPU for sampling and out when other "
+                    "models need the room. block: the model stays in RAM and diffusers' group offloading streams one "
+                    "transformer block at a time to the GPU (the least VRAM: the embedders plus two blocks; slower, "
+                    "every weight crosses PCIe each step).",
                 ),
             ],
             outputs=[BFS_MODEL.Output(display_name="bfs_model")],
@@ -85,20 +146,27 @@ class LoadBFS(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, base_model, bfs_weights) -> bool | str:
-        ok = check_model_file("diffusion_models", base_model, "base_model")
+        ok = check_base_model(base_model)
         return check_model_file("bfs", bfs_weights, "bfs_weights") if ok is True else ok
 
     @classmethod
-    def execute(cls, base_model, bfs_weights, weight_dtype) -> io.NodeOutput:
+    def execute(cls, base_model, bfs_weights, weight_dtype, offload=Offload.NONE.value) -> io.NodeOutput:
         weight_dtype = combo_value(WeightDtype, weight_dtype, "weight_dtype")
+        offload = combo_value(Offload, offload, "offload")
         compute = torch.float32 if weight_dtype == WeightDtype.FP32 else torch.bfloat16
-        base_path = folder_paths.get_full_path_or_raise("diffusion_models", base_model)
+        base_path = base_model_path(base_model) or folder_paths.get_full_path_or_raise("diffusion_models", base_model)
+        if base_path.lower().endswith(GGUF_SUFFIX) and weight_dtype == WeightDtype.FP8:
+            raise UserInputError(
+                f"`weight_dtype` fp8_e4m3fn cannot apply to the GGUF base {base_model!r}: its weights stay in their "
+                "GGUF quantisation. Pick bf16 (GPU) or fp32 (CPU runs) as the compute dtype."
+            )
         bfs_path = folder_paths.get_full_path_or_raise("bfs", bfs_weights)
         transformer = load_flux_fill_transformer(base_path, torch_dtype=compute, device="cpu", name="base_model")
         dual = load_bfs(transformer, bfs_path, name="bfs_weights")
         if weight_dtype == WeightDtype.FP8:
             store_weights_in_fp8(transformer, compute_dtype=compute)
-        model = PatchedModel.wrap(dual, load_shipped_config("flux_fill_scheduler"), f"{base_model} + {bfs_weights}")
+        scheduler = load_shipped_config("flux_fill_scheduler")
+        model = PatchedModel.wrap(dual, scheduler, f"{base_model} + {bfs_weights}", offload=offload.value)
         return io.NodeOutput(model)
 
 
