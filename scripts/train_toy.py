@@ -311,7 +311,14 @@ def decomposition_ablations(work: Path, args: argparse.Namespace) -> None:
         name: train_decomposition(work, f"ablation_{name}", {**steps, **over})
         for name, over in DECOMPOSITION_ABLATIONS.items()
     }
-    write_decomposition_results(variants, scenes=args.eval_count, steps=12, seed=0)
+    budget = DECOMPOSITION_ABLATION_BUDGET
+    note = (
+        f"Budget: each ablation variant (and `ablation: full`, the same recipe) {budget['max_steps']} steps × batch "
+        f"{budget['batch_size']}; the shipped model (`ours`) training/configs/toy_decompose.yaml's budget. Variants: "
+        + "; ".join(f"{k} = {v or 'the recipe as is'}" for k, v in DECOMPOSITION_ABLATIONS.items())
+        + "."
+    )
+    write_decomposition_results(variants, scenes=args.eval_count, steps=12, seed=0, note=note)
 
 
 def main() -> None:

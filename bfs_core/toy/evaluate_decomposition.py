@@ -44,7 +44,6 @@ METRICS = ("bg_psnr", "bg_ssim", "alpha_iou", "hidden_recall", "fg_rgb_err")
 HIGHER_IS_BETTER = {"bg_psnr": True, "bg_ssim": True, "alpha_iou": True, "hidden_recall": True, "fg_rgb_err": False}
 OBJECT_ALPHA = 0.75
 FOOTPRINT_ALPHA, FOOTPRINT_GROW = 0.01, 2
-NOISE = {"bg_psnr": 0.2, "alpha_iou": 0.02}  # differences smaller than these are read as no difference
 RESULTS = Path(__file__).resolve().parent / "results" / "decomposition"
 
 
@@ -94,7 +93,15 @@ def score(
         values = [r[key] for r in rows if r.get(key) is not None]
         return float(np.mean(values)) if values else None
 
-    return {m: mean(m) for m in METRICS}
+    return {**{m: mean(m) for m in METRICS}, "per_scene": {m: [r.get(m) for r in rows] for m in METRICS}}
+
+
+def paired_difference(a: dict, b: dict, metric: str) -> tuple[float, float]:
+    """(mean, standard error) of the per-scene difference a − b of `metric` over the scenes both scored."""
+    pairs = [(x, y) for x, y in zip(a["per_scene"][metric], b["per_scene"][metric]) if x is not None and y is not None]
+    diff = np.array([x - y for x, y in pairs], dtype=np.float64)
+    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("inf")
+    return float(diff.mean()), se
 
 
 class WithoutForegroundContext(torch.nn.Module):
@@ -202,7 +209,12 @@ def paper_lines() -> str:
 
 
 def write_decomposition_results(
-    variants: dict[str, Path], scenes: int = 64, steps: int = 20, seed: int = 0, out: Path = RESULTS
+    variants: dict[str, Path],
+    scenes: int = 64,
+    steps: int = 20,
+    seed: int = 0,
+    out: Path = RESULTS,
+    note: str = "",
 ) -> Path:
     """The ablation table (`scripts/train_toy.py --decomposition-ablations`) next to the shipped model's row, with a
     reading against the paper, as `out`.md and `out`.json."""
@@ -211,9 +223,11 @@ def write_decomposition_results(
     text = "\n\n".join(
         [
             f"`python scripts/train_toy.py --decomposition-ablations` — {scenes} held-out toy scenes (seed {seed}), "
-            f"{steps} Euler steps, guidance 30",
+            f"{steps} Euler steps, guidance 30. {note}".strip(),
             format_table(rows),
             paper_lines(),
+            "Reading (± is the standard error of the paired per-scene difference: it covers the choice of scenes, not "
+            "training randomness — each variant is one training run with seed 0):",
             reading(rows),
             summary_line(rows),
         ]
@@ -228,12 +242,12 @@ def write_decomposition_results(
 def reading(rows: dict[str, dict[str, float | None]]) -> str:
     """Where the toy numbers agree or disagree with the paper, computed from `rows` (no hand-written numbers)."""
     ours, fill = rows[next(iter(rows))], rows["(a) toy Fill inpainting"]
-    gain = ours["bg_psnr"] - fill["bg_psnr"]
+    gain, se = paired_difference(ours, fill, "bg_psnr")
     paper_gain = PAPER_TABLE["Ours (paper)"][0] - PAPER_TABLE["FLUX.1-Fill-dev"][0]
-    verdict = "agrees with" if gain > 0 else "disagrees with"
+    verdict = "agrees with" if gain > 2 * se else "disagrees with" if gain < -2 * se else "does not settle"
     lines = [
-        f"- Removal: the adapted model's background PSNR is {gain:+.2f} dB over its toy Fill base ({verdict} the "
-        f"paper's {paper_gain:+.2f} dB)."
+        f"- Removal: the adapted model's background PSNR is {gain:+.2f} ± {se:.2f} dB over its toy Fill base "
+        f"({verdict} the paper's {paper_gain:+.2f} dB: the adapted model removes better than its inpainting base)."
     ]
     full = rows.get("ablation: full")
     if full is not None:
@@ -245,17 +259,21 @@ def reading(rows: dict[str, dict[str, float | None]]) -> str:
             row = rows.get(f"ablation: {name}")
             if row is None:
                 continue
-            d_bg = row["bg_psnr"] - full["bg_psnr"]
-            d_iou = row["alpha_iou"] - full["alpha_iou"]
-            if d_bg < -NOISE["bg_psnr"] or d_iou < -NOISE["alpha_iou"]:
+            (d_bg, se_bg), (d_iou, se_iou) = (paired_difference(row, full, m) for m in ("bg_psnr", "alpha_iou"))
+            worse = d_bg < -2 * se_bg or d_iou < -2 * se_iou
+            better = d_bg > 2 * se_bg or d_iou > 2 * se_iou
+            if worse and not better:
                 verdict = f"worse, which agrees with {paper}"
-            elif d_bg > NOISE["bg_psnr"] or d_iou > NOISE["alpha_iou"]:
+            elif better and not worse:
                 verdict = f"better, which disagrees with {paper}"
+            elif worse and better:
+                verdict = f"mixed (one metric better, one worse), so it neither confirms nor refutes {paper}"
             else:
-                verdict = f"no difference beyond noise at this budget, so it neither confirms nor refutes {paper}"
+                verdict = f"no difference beyond 2 standard errors, so it neither confirms nor refutes {paper}"
             lines.append(
-                f"- {name}: background {d_bg:+.2f} dB, alpha IoU {d_iou:+.3f} against the full recipe at the same "
-                f"budget: {verdict} (the paper keeps the part because its full model scores better)."
+                f"- {name}: background {d_bg:+.2f} ± {se_bg:.2f} dB, alpha IoU {d_iou:+.3f} ± {se_iou:.3f} (paired "
+                f"per-scene difference ± its standard error) against the full recipe at the same budget: {verdict} "
+                "(the paper keeps the part because its full model scores better)."
             )
     return "\n".join(lines)
 
