@@ -61,7 +61,7 @@ linear in the tokens:
     workspace (quantised formats) = 2·b per value of the largest quantised Linear: its dequantised copy and the
                cast to the compute dtype, an upper bound: it lives only while that Linear runs, not during the joint
                module where the peak is (measured on tiny fp8 / Q8_0 / Q4_K models, the peak is the formula without
-               it), but at 512² a single block's `proj_out` runs within 6·X(S) of the peak, less than this workspace
+               it), but at 512² a single block's `proj_out` runs 8·X(S) below the peak, less than this workspace
 
 At 1024² (L = 4096) the single block is the peak: 21 · X(4608) in bf16. The formula is the live-tensor set at the
 peaks of the current code, read from diffusers' `FluxSingleTransformerBlock` / `FluxTransformerBlock` and
