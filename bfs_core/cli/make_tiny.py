@@ -1,4 +1,5 @@
-"""`python -m bfs_core make-tiny DIR`: tiny random models in every on-disk format the pack reads."""
+"""`python -m bfs_core make-tiny DIR`: tiny random models in every on-disk format the pack reads (diffusers folders,
+BFL safetensors in bf16/fp8/scaled fp8, ComfyUI-GGUF Q8_0 and Q4_K files, BFS weights, RGBA VAEs, ...)."""
 
 import argparse
 
