@@ -455,3 +455,36 @@ def test_fast_joint_processor_equals_a_naive_implementation(config, folded):
             assert (g - e).abs().max() < 1e-5 * max(1.0, e.abs().max().item())
         stock = processor.original(block.attn, hidden, context, None, rope)
         assert (got[0] - (stock[0] if double else stock)).abs().max() > 1e-3  # the joint message is not zero
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_processor_self_attention_is_bitwise_the_stock_processor(grad):
+    """With its joint module switched off, the processor (fused RMSNorm + RoPE into one buffer, no text/image cat)
+    returns exactly what diffusers' FluxAttnProcessor returns, in inference (in-place path) and under autograd."""
+    from bfs_core.models.dual_flux import rms_norm
+    from bfs_core.sampling.flow_match import latent_image_ids
+
+    transformer = make_tiny_flux()
+    patch_dual_branch(transformer, DualBranchConfig.release())
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if ".norm_q." in name or ".norm_k." in name or ".norm_added_" in name:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+    rope = transformer.pos_embed(torch.cat([torch.zeros(6, 3), latent_image_ids(8, 8)]))
+    for block in (transformer.transformer_blocks[0], transformer.single_transformer_blocks[0]):
+        block.joint.active = False
+        double = block in transformer.transformer_blocks
+        hidden = torch.randn(4, 16 if double else 22, 64, generator=gen, requires_grad=grad)
+        context = torch.randn(4, 6, 64, generator=gen) if double else None
+        processor = block.attn.get_processor()
+        with torch.set_grad_enabled(grad):
+            got, expected = (f(block.attn, hidden, context, None, rope) for f in (processor, processor.original))
+        for g, e in zip(got, expected) if double else [(got, expected)]:
+            assert torch.equal(g, e)
+    norm, x = transformer.single_transformer_blocks[0].attn.norm_q, torch.randn(2, 5, 2, 32, generator=gen)
+    buffer = torch.zeros(2, 7, 2, 32)
+    with torch.no_grad():
+        assert torch.equal(rms_norm(norm, x), norm(x))
+        rms_norm(norm, x, out=buffer[:, 1:6])
+    assert torch.equal(buffer[:, 1:6], norm(x).detach()) and not buffer[:, [0, 6]].any()

@@ -271,22 +271,71 @@ def rope_table(rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor |
     return torch.complex(cos[..., 0::2].float(), sin[..., 0::2].float())
 
 
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def _in_place_ok(x: torch.Tensor) -> bool:
+    """Eager fp32 CPU inference: where the in-place forms below are used. Autograd needs the out-of-place ops, a
+    compiler fuses them itself, and on an accelerator torch's fused RMSNorm kernel is already one pass."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`norm(x)` for the blocks' q/k `torch.nn.RMSNorm`, optionally written into `out` (a slice of a larger buffer,
+    which saves the `torch.cat` of text and image tokens). In eager fp32 CPU inference it runs torch's own CPU
+    formula, x · rsqrt(mean(x²) + eps) · weight, in one buffer instead of three: bitwise the same (tested)."""
+    fits = isinstance(norm, nn.RMSNorm) and norm.weight is not None and norm.weight.dtype == x.dtype
+    if not (fits and _in_place_ok(x)):
+        y = norm(x)
+        return y if out is None else out.copy_(y)
+    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    squares = x.pow(2)
+    scale = squares.mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return torch.mul(x, scale, out=squares if out is None else out).mul_(norm.weight)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """diffusers' `apply_rotary_emb(x, rope, sequence_dim=1)` for x [B, S, H, D] in one complex multiply instead of
     its unbind/negate/stack/two multiplies/add (about 6× less CPU time). The same float32 products and sum per
-    output, so the result is bitwise the same on the CPU (tested); `table` from `rope_table`."""
+    output, so the result is bitwise the same on the CPU (tested); `table` from `rope_table`. `in_place`: x is a
+    fresh buffer of the caller's and may be overwritten (only taken in eager fp32 CPU inference)."""
+    if in_place and _in_place_ok(x) and x.is_contiguous():
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(table[:, None, :])
+        return x
     pairs = x.float().contiguous().unflatten(-1, (-1, 2))  # no copy for the fresh q/k the callers pass
     rotated = torch.view_as_complex(pairs) * table[:, None, :]
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
 
+def _norm_rope(norms_and_tokens: list[tuple[nn.Module, torch.Tensor]], head_dim: int, table) -> torch.Tensor:
+    """RMSNorm of each [B, S_i, H*D] segment with its own norm, the segments joined along the sequence (text then
+    image tokens in double blocks), then RoPE: [B, ΣS_i, H, D]. The norms write straight into one buffer."""
+    segments = [(norm, tokens.unflatten(-1, (-1, head_dim))) for norm, tokens in norms_and_tokens]
+    if len(segments) == 1:
+        x = rms_norm(*segments[0])
+    else:
+        first = segments[0][1]
+        x = first.new_empty(first.shape[0], sum(t.shape[1] for _, t in segments), *first.shape[2:])
+        start = 0
+        for norm, tokens in segments:
+            rms_norm(norm, tokens, out=x[:, start : start + tokens.shape[1]])
+            start += tokens.shape[1]
+    if table is None:
+        return x
+    # In place only into a buffer of our own (a norm that returned its input must not have that input overwritten).
+    own = _in_place_ok(x) and (
+        len(segments) > 1 or x.untyped_storage().data_ptr() != segments[0][1].untyped_storage().data_ptr()
+    )
+    return apply_rope(x, table, in_place=own)
+
+
 def _heads_norm_rope(x: torch.Tensor, head_dim: int, norm: nn.Module | None, table) -> torch.Tensor:
-    x = x.unflatten(-1, (-1, head_dim))  # [B, S, H*D] -> [B, S, H, D]
     if norm is not None:
-        x = norm(x)
-    if table is not None:
-        x = apply_rope(x, table)
-    return x
+        return _norm_rope([(norm, x)], head_dim, table)
+    x = x.unflatten(-1, (-1, head_dim))  # [B, S, H*D] -> [B, S, H, D]
+    return x if table is None else apply_rope(x, table)
 
 
 def _cross_attention(attn: nn.Module, q, k, v) -> torch.Tensor:
@@ -519,22 +568,18 @@ class JointAttnProcessor:
         (base_q, q), (base_k, k), (base_v, v) = (
             _base_and_content(lin, hidden_states) for lin in (attn.to_q, attn.to_k, attn.to_v)
         )
-        q = attn.norm_q(q.unflatten(-1, (-1, attn.head_dim)))
-        k = attn.norm_k(k.unflatten(-1, (-1, attn.head_dim)))
-        v = v.unflatten(-1, (-1, attn.head_dim))
-        text_len = 0
-        if encoder_hidden_states is not None:  # double block: text tokens first, as FluxAttnProcessor
-            text_len = encoder_hidden_states.shape[1]
-            eq, ek, ev = (
-                proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
-                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-            )
-            q = torch.cat([attn.norm_added_q(eq), q], dim=1)
-            k = torch.cat([attn.norm_added_k(ek), k], dim=1)
-            v = torch.cat([ev, v], dim=1)
         table = rope_table(image_rotary_emb)
-        if table is not None:
-            q, k = apply_rope(q, table), apply_rope(k, table)
+        text_len = 0
+        if encoder_hidden_states is None:
+            q = _norm_rope([(attn.norm_q, q)], attn.head_dim, table)
+            k = _norm_rope([(attn.norm_k, k)], attn.head_dim, table)
+        else:  # double block: text tokens first, as FluxAttnProcessor (the norms write into one buffer, no cat)
+            text_len = encoder_hidden_states.shape[1]
+            eq, ek, ev = (proj(encoder_hidden_states) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            q = _norm_rope([(attn.norm_added_q, eq), (attn.norm_q, q)], attn.head_dim, table)
+            k = _norm_rope([(attn.norm_added_k, ek), (attn.norm_k, k)], attn.head_dim, table)
+            v = torch.cat([ev, v], dim=1)
+        v = v.unflatten(-1, (-1, attn.head_dim))
         out = _attention(attn, q, k, v).flatten(2, 3).to(q.dtype)
         base_qkv = (base_q, base_k, base_v)
         if encoder_hidden_states is None:  # single block: text and image tokens in one sequence
