@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+BOX_EDITOR_HEIGHT = 640  # a node with the box editor (BG2FG Sample, Extract Foreground, Decompose Layers)
 
 # Model file names the README tells users to download.
 FILL = "flux1-fill-dev.safetensors"
@@ -38,26 +39,31 @@ def text_nodes(first_id: int, prompt: str) -> dict:
     }
 
 
+def drawn_box(x0: int, y0: int, x1: int, y1: int) -> str:
+    """The box editor's value ("x,y,w,h" in image pixels) for the box (x0, y0)-(x1, y1)."""
+    return f"{x0},{y0},{x1 - x0},{y1 - y0}"
+
+
 def sample(
     node_type: str,
     model: int,
     background: tuple,
-    mask: tuple,
+    box: str,
     positive: tuple,
     vae: int,
     seed: int,
     composite: tuple | None = None,
 ) -> tuple:
-    links = {"bfs_model": (model, 0), "background": background, "mask": mask, "positive": positive, "vae": (vae, 0)}
+    """A sampler whose region is the box drawn on it (`box`, see `drawn_box`)."""
+    links = {"bfs_model": (model, 0), "background": background, "positive": positive, "vae": (vae, 0)}
     if composite is not None:
         links["composite"] = composite
-    return (node_type, {"seed": seed, "steps": 50, "guidance": 30.0, "short_side": 512}, links)
+    return (node_type, {"seed": seed, "steps": 50, "guidance": 30.0, "short_side": 512, "box": box}, links)
 
 
 def bg2fg(prompt: str, reference: bool = False, decoder: str = RELEASE_VAE) -> dict:
     nodes = {
         1: ("LoadImage", {"image": "background.png"}, {}),
-        2: ("BFSBoxToMask", {"x0": 160, "y0": 220, "x1": 360, "y1": 480}, {"image": (1, 0)}),
         3: ("BFSLoadModel", {"base_model": FILL, "bfs_weights": BFS, "weight_dtype": "bf16"}, {}),
         6: ("VAELoader", {"vae_name": "ae.safetensors"}, {}),
         **text_nodes(4, prompt),
@@ -77,7 +83,7 @@ def bg2fg(prompt: str, reference: bool = False, decoder: str = RELEASE_VAE) -> d
         }
         positive = (14, 0)
     nodes |= {
-        7: sample("BFSBG2FGSample", 3, (1, 0), (2, 0), positive, 6, seed=42),
+        7: sample("BFSBG2FGSample", 3, (1, 0), drawn_box(160, 220, 360, 480), positive, 6, seed=42),
         8: ("BFSLoadRGBAVAE", {"rgba_vae": decoder}, {}),
         9: ("BFSRGBADecode", {"tta": True}, {"rgba_vae": (8, 0), "foreground": (7, 0), "vae": (6, 0)}),
         15: ("SaveImage", {"filename_prefix": "bfs/foreground"}, {"images": (9, 0)}),
@@ -116,9 +122,8 @@ def three_layer_scene() -> dict:
     for i, (box, prompt) in enumerate(zip(boxes, prompts)):
         base = 20 + 10 * i
         nodes |= {
-            base: ("BFSBoxToMask", dict(zip(("x0", "y0", "x1", "y1"), box)), {"image": background}),
             base + 1: ("CLIPTextEncode", {"text": prompt}, {"clip": (4, 0)}),
-            base + 2: sample("BFSBG2FGSample", 3, background, (base, 0), (base + 1, 0), 6, seed=7 + i),
+            base + 2: sample("BFSBG2FGSample", 3, background, drawn_box(*box), (base + 1, 0), 6, seed=7 + i),
             base + 3: ("BFSRGBADecode", {"tta": True}, {"rgba_vae": (8, 0), "foreground": (base + 2, 0)}),
             base + 4: ("BFSCompositeLayer", {}, {"background": background, "layer": (base + 3, 0)}),
         }
@@ -140,8 +145,7 @@ def extract_foreground() -> dict:
         3: ("BFSLoadModel", {"base_model": FILL, "bfs_weights": BFS, "weight_dtype": "fp8_e4m3fn"}, {}),
         **text_nodes(4, "a dog"),
         6: ("VAELoader", {"vae_name": "ae.safetensors"}, {}),
-        7: ("BFSBoxToMask", {"x0": 100, "y0": 150, "x1": 400, "y1": 500}, {"image": (1, 0)}),
-        8: sample("BFSExtractForeground", 3, (2, 0), (7, 0), (5, 0), 6, seed=0, composite=(1, 0)),
+        8: sample("BFSExtractForeground", 3, (2, 0), drawn_box(100, 150, 400, 500), (5, 0), 6, 0, composite=(1, 0)),
         9: ("BFSLoadRGBAVAE", {"rgba_vae": RELEASE_VAE}, {}),
         10: ("BFSRGBADecode", {"tta": True}, {"rgba_vae": (9, 0), "foreground": (8, 0)}),
         11: ("SaveImage", {"filename_prefix": "bfs/extracted"}, {"images": (10, 0)}),
@@ -197,18 +201,11 @@ def toy_scene() -> dict:
     for i, (box, prompt) in enumerate(zip(boxes, prompts)):
         base = 10 + 10 * i
         nodes |= {
-            base: ("BFSBoxToMask", dict(zip(("x0", "y0", "x1", "y1"), box)), {"image": background}),
             base + 1: ("BFSToyTextEncode", {"text": prompt}, {"text_encoder": (2, 3)}),
             base + 2: (
                 "BFSBG2FGSample",
-                {"seed": 10 + i, "steps": 20, "guidance": 30.0, "short_side": 512},
-                {
-                    "bfs_model": (2, 0),
-                    "background": background,
-                    "mask": (base, 0),
-                    "positive": (base + 1, 0),
-                    "vae": (2, 1),
-                },
+                {"seed": 10 + i, "steps": 20, "guidance": 30.0, "short_side": 512, "box": drawn_box(*box)},
+                {"bfs_model": (2, 0), "background": background, "positive": (base + 1, 0), "vae": (2, 1)},
             ),
             base + 3: ("BFSRGBADecode", {"tta": False}, {"rgba_vae": (2, 2), "foreground": (base + 2, 0)}),
             base + 4: ("BFSCompositeLayer", {}, {"background": background, "layer": (base + 3, 0)}),
@@ -226,6 +223,65 @@ def toy_scene() -> dict:
     return nodes
 
 
+def toy_reference() -> dict:
+    """bg2fg_redux_reference.json on the embedded toy model (no downloads): a reference image of the object through
+    ComfyUI's own CLIPVisionEncode and StyleModelApply (the toy loader's clip_vision and style_model), the neutral
+    caption "an object", BG2FG, RGBA Decode."""
+    nodes = {
+        1: ("BFSToyBackground", {"seed": 3}, {}),
+        2: ("BFSBoxToMask", {"x0": 24, "y0": 38, "x1": 40, "y1": 54}, {"image": (1, 0)}),
+        3: ("BFSLoadToyModel", {}, {}),
+        5: ("BFSToyTextEncode", {"text": "an object"}, {"text_encoder": (3, 3)}),
+        10: ("BFSToyReferenceImage", {"colour": "yellow", "shape": "ball", "seed": 0}, {}),
+        12: ("CLIPVisionEncode", {"crop": "center"}, {"clip_vision": (3, 4), "image": (10, 0)}),
+        14: (
+            "StyleModelApply",
+            {"strength": 1.0, "strength_type": "multiply"},
+            {"conditioning": (5, 0), "style_model": (3, 5), "clip_vision_output": (12, 0)},
+        ),
+        7: (
+            "BFSBG2FGSample",
+            {"seed": 42, "steps": 20, "guidance": 30.0, "short_side": 512},
+            {"bfs_model": (3, 0), "background": (1, 0), "mask": (2, 0), "positive": (14, 0), "vae": (3, 1)},
+        ),
+        9: ("BFSRGBADecode", {"tta": False}, {"rgba_vae": (3, 2), "foreground": (7, 0)}),
+        15: ("SaveImage", {"filename_prefix": "bfs_toy/reference_layer"}, {"images": (9, 0)}),
+        16: ("PreviewImage", {}, {"images": (10, 0)}),
+        17: ("BFSCompositeLayer", {}, {"background": (1, 0), "layer": (9, 0)}),
+        18: ("PreviewImage", {}, {"images": (17, 0)}),
+    }
+    return nodes
+
+
+def toy_decompose() -> dict:
+    """Decompose Layers on the embedded toy models (no downloads), both methods side by side on one held-out toy scene:
+    outpaint_and_remove (Load Toy Decomposition Model, with the toy segmentation and depth maps) and fill_then_extract
+    (Load BFS Toy Model: its Fill base removes the object, BFS extraction pulls it out); each saved as a PSD."""
+    nodes = {
+        1: ("BFSLoadToyDecomposition", {}, {}),
+        2: ("BFSLoadToyModel", {}, {}),
+        3: ("BFSToyDecompositionScene", {"scene": 7}, {"text_encoder": (1, 3)}),
+    }
+    scene = {"image": (3, 0), "mask": (3, 1), "positive": (3, 2)}
+    sampling = {"seed": 0, "steps": 20, "guidance": 30.0, "short_side": 0}
+    methods = {
+        "outpaint_and_remove": ({"decomposition_model": (1, 0), "vae": (1, 1), "rgba_vae": (1, 2)}, {}),
+        "fill_then_extract": ({"bfs_model": (2, 0), "vae": (2, 1), "rgba_vae": (2, 2)}, {"dilation": 2}),
+    }
+    for i, (method, (models, widgets)) in enumerate(methods.items()):
+        base = 10 + 10 * i
+        maps = {"segmentation": (3, 3), "depth": (3, 4)} if method == "outpaint_and_remove" else {}
+        nodes |= {
+            base: ("BFSDecomposeLayers", {**sampling, "method": method, **widgets}, {**models, **scene, **maps}),
+            base + 1: (
+                "BFSSaveLayers",
+                {"names": "object", "format": "psd", "filename_prefix": f"bfs_toy/decomposed_{method}"},
+                {"background": (base, 2), "layer_1": (base, 0)},
+            ),
+        }
+    return nodes
+
+
 WORKFLOWS = {
     "bg2fg_text.json": lambda: bg2fg("a ceramic vase with flowers"),
     "bg2fg_redux_reference.json": lambda: bg2fg("an object", reference=True),
@@ -234,6 +290,8 @@ WORKFLOWS = {
     "extract_foreground.json": extract_foreground,
     "decompose_layers.json": decompose_layers,
     "toy_scene.json": toy_scene,
+    "toy_decompose.json": toy_decompose,
+    "toy_reference.json": toy_reference,
 }
 
 
@@ -259,7 +317,7 @@ def _depths(nodes: dict) -> dict[int, int]:
 
 def to_ui(nodes: dict, info: dict) -> dict:
     """Compact {id: (type, widget values, {input: (src id, src slot)})} -> a LiteGraph/ComfyUI UI workflow."""
-    links, ui_nodes, row = [], {}, {}
+    links, ui_nodes, column_y = [], {}, {}
     depth = _depths(nodes)
     for node_id in sorted(nodes, key=lambda i: (depth[i], i)):
         node_type, widgets, inputs = nodes[node_id]
@@ -288,12 +346,14 @@ def to_ui(nodes: dict, info: dict) -> dict:
             elif name in inputs or name in spec["input"].get("required", {}):
                 ui_inputs.append({"name": name, "type": kind, "link": None})
         column = depth[node_id]
-        row[column] = row.get(column, 0) + 1
+        height = BOX_EDITOR_HEIGHT if "box" in all_inputs else 200  # web/box_editor.js needs room
+        y = column_y.get(column, 60)
+        column_y[column] = y + height + 60
         ui_nodes[node_id] = {
             "id": node_id,
             "type": node_type,
-            "pos": [60 + 380 * column, 60 + 260 * (row[column] - 1)],
-            "size": [340, 200],
+            "pos": [60 + 380 * column, y],
+            "size": [340, height],
             "flags": {},
             "order": 0,
             "mode": 0,
