@@ -3,6 +3,9 @@
 Several toy backgrounds (sun on the left or the right) -> BG2FG with different prompts in boxes -> straight-alpha RGBA
 layers with shadows -> a three-layer scene by chaining (each new object is generated over the scene so far) -> PSD
 and ORA files of that scene, every layer as a PNG, and `contact_sheet.png`, a labelled grid a person can look at.
+Its last row decomposes a held-out toy composite (an object partly hidden by another, a rough mask) into the object's
+layer and the clean background, by both methods: the toy Outpaint-and-Remove model and fill_then_extract (the BFS toy
+model's Fill base removes the object, BFS extraction pulls it out).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ SCENES = [
     (11, [("a yellow cone", [34, 36, 50, 52]), ("a red ball", [14, 40, 30, 56]), ("a blue pillar", [28, 30, 37, 54])]),
 ]
 CHAIN = (3, [("a red cube", [10, 38, 26, 54]), ("a blue ball", [38, 40, 54, 56])])
+DECOMPOSITION_SCENE = 7  # held-out toy decomposition scene (the Toy Decomposition Scene node's default)
+FILL_DILATION_PX = 2  # fill_then_extract's mask growth at 64 px
 SCALE = 4
 
 
@@ -48,6 +53,7 @@ class DemoResult:
     psd: Path
     ora: Path
     seconds: float
+    decomposition: dict[str, Path] | None = None  # method -> PSD (background + object layer)
 
 
 def background_image(seed: int) -> torch.Tensor:
@@ -130,19 +136,64 @@ def run_demo(out_dir: str | Path, *, weights: str | Path | None = None, steps: i
         layers.append((prompt, _to_pil(layer[0])))
         chain_row += [_tile(layer[0], box, f"layer {k + 1}: {prompt}"), _tile(scene[0], box, f"scene, {k + 2} layers")]
     rows.append(chain_row)
+    decomposition_row, decomposition = _decomposition_row(pipe, rgba, out, steps=steps, seed=seed)
+    rows.append(decomposition_row)
     psd = write_layered_file(out / "scene.psd", _to_pil(bg[0]), layers)
     ora = write_layered_file(out / "scene.ora", _to_pil(bg[0]), layers)
     _save_rgba(scene[0], out / "scene.png")
     sheet = out / "contact_sheet.png"
     title = (
         "BFS toy demo: background | per prompt: RGBA layer (checkerboard = transparent, yellow = box) | "
-        "layer over background.  Last row: a three-layer scene by chaining."
+        "layer over background.  Row 4: a three-layer scene by chaining.  Row 5: decomposing a composite."
     )
     with atomic_path(sheet) as tmp:
         _sheet(rows, title).save(tmp)
     seconds = time.time() - start
     logger.info("toy demo written to %s in %.1f s", out, seconds)
-    return DemoResult(contact_sheet=sheet, psd=psd, ora=ora, seconds=seconds)
+    return DemoResult(contact_sheet=sheet, psd=psd, ora=ora, seconds=seconds, decomposition=decomposition)
+
+
+@torch.no_grad()
+def decompose_demo_scene(pipe, rgba, *, steps: int, seed: int) -> tuple[object, dict[str, object]]:
+    """The demo's held-out decomposition scene and {method: DecompositionResult} by both methods (toy models)."""
+    from ..pipelines.decomposition import FillThenExtractPipeline
+    from .decomposition import HELDOUT_SEEDS, load_toy_decomposition, make_decomposition_scene
+
+    scene = make_decomposition_scene(HELDOUT_SEEDS[0] + DECOMPOSITION_SCENE)
+    image = torch.from_numpy(scene.composite).permute(2, 0, 1)[None].float()  # [H, W, 3] -> [1, 3, H, W]
+    mask = torch.from_numpy(scene.mask)[None, None].float()
+    maps = {k: torch.from_numpy(getattr(scene, k)).permute(2, 0, 1)[None].float() for k in ("segmentation", "depth")}
+    toy = load_toy_decomposition()
+    results = {
+        "outpaint_and_remove": toy.pipeline.decompose(
+            image, mask, *toy.encode_prompt(scene.caption), **maps, seed=seed, steps=steps, short_side=0
+        )
+    }
+    embeds, pooled = pipe.text_encoders.encode([scene.caption], max_sequence_length=MAX_SEQUENCE_LENGTH)
+    results["fill_then_extract"] = FillThenExtractPipeline(
+        pipe.model, pipe.codec, rgba, pipe.scheduler_config
+    ).decompose(image, mask, embeds, pooled, dilation=FILL_DILATION_PX, seed=seed, steps=steps, short_side=0)
+    return scene, results
+
+
+def _decomposition_row(pipe, rgba, out: Path, *, steps: int, seed: int) -> tuple[list[Image.Image], dict[str, Path]]:
+    scene, results = decompose_demo_scene(pipe, rgba, steps=steps, seed=seed)
+    image = torch.from_numpy(scene.composite).permute(2, 0, 1).float()  # [H, W, 3] -> [3, H, W]
+    row = [_tile(image, label=f"decompose: {scene.caption}"), _tile(torch.from_numpy(scene.mask)[None], label="mask")]
+    files = {}
+    for method, result in results.items():
+        short = "O&R" if method == "outpaint_and_remove" else "fill+extract"
+        row += [
+            _tile(result.foreground[0], label=f"{short}: object"),
+            _tile(result.background[0], label=f"{short}: bg"),
+        ]
+        _save_rgba(result.foreground[0], out / "layers" / f"decomposed_{method}_object.png")
+        files[method] = write_layered_file(
+            out / f"decomposed_{method}.psd",
+            _to_pil(result.background[0]),
+            [("object", _to_pil(result.foreground[0]))],
+        )
+    return row, files
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:
