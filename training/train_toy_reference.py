@@ -146,6 +146,8 @@ def main(cfg: TrainConfig) -> TrainResult:
     from bfs_core.toy.models import MAX_SEQUENCE_LENGTH, load_toy
     from bfs_core.toy.reference import NEUTRAL_PROMPT, ToyReduxProjection, ToyReferenceEncoder, ToyVisionEncoder
 
+    if cfg.max_steps < 3:  # the one-cycle schedule needs a warm-up step and a decay step
+        raise ValueError(f"`max_steps` must be at least 3 but got {cfg.max_steps}.")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -169,7 +171,10 @@ def main(cfg: TrainConfig) -> TrainResult:
     logger.info("trainable: %.3f M parameters", sum(p.numel() for p in params) / 1e6)
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.learning_rate, total_steps=cfg.max_steps, pct_start=min(0.5, cfg.warmup_steps / cfg.max_steps)
+        opt,
+        max_lr=cfg.learning_rate,
+        total_steps=cfg.max_steps,
+        pct_start=min(0.5, max(cfg.warmup_steps, 2) / cfg.max_steps),
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = plain_train(
