@@ -26,7 +26,10 @@ COMMANDS = {
         "bfs_core.cli.evaluate_toy_decomposition",
         "score the toy decomposition model against toy Fill inpainting and chance on held-out toy scenes",
     ),
-    "decompose": ("bfs_core.cli.decompose", "Outpaint-and-Remove: image + mask -> RGBA foreground + clean background"),
+    "decompose": (
+        "bfs_core.cli.decompose",
+        "image + mask -> RGBA foreground + clean background (Outpaint-and-Remove, or Fill removal + BFS extraction)",
+    ),
     "evaluate-decomposition": ("bfs_core.cli.evaluate_decomposition", "score decomposition on a case set"),
 }
 
