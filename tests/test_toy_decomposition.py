@@ -141,3 +141,65 @@ def test_shipped_model_completes_the_whole_object_better_than_chance(shipped_row
     ours, _, chance = shipped_rows
     gain = ours["alpha_iou"] - chance["alpha_iou"]
     assert gain >= MARGINS["alpha_iou_over_chance"], f"IoU {ours['alpha_iou']:.3f} vs {chance['alpha_iou']:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trainer's toy options (training/train_decompose.py): maps from the data, the ablation switches, the latent cache
+
+
+class _CountingEncoder:
+    """A fixed function of the pixels as the 'VAE' ([N, C, 16, 16] -> [N, 16, 2, 2]) that counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def rgb(self, images):
+        self.calls += 1
+        return torch.nn.functional.avg_pool2d(images, 8).repeat(1, 6, 1, 1)[:, :16]
+
+    rgba_latent = rgb
+
+
+class _FixedTexts:
+    def get(self, captions, max_len, device, dtype):
+        return torch.zeros(len(captions), 3, 32), torch.zeros(len(captions), 32)
+
+
+def _raw_batch():
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    return {
+        "name": ["a", "b"],
+        "composite": torch.rand(2, 3, 16, 16, generator=gen),
+        "mask": mask,
+        "background": torch.rand(2, 3, 16, 16, generator=gen),
+        "foreground": torch.rand(2, 4, 16, 16, generator=gen),
+        "segmentation": torch.rand(2, 3, 16, 16, generator=gen),
+        "depth": torch.rand(2, 3, 16, 16, generator=gen),
+        "caption": ["a red cube", "a blue ball"],
+    }
+
+
+def test_trainer_reads_toy_maps_caches_fixed_latents_and_can_drop_the_foreground_context():
+    from training import train_decompose
+
+    cfg = train_decompose.TrainConfig(maps_from_data=True, mask_spoil_probability=0.0)
+    plain_encoder, cached_encoder, cache = _CountingEncoder(), _CountingEncoder(), {}
+    args = (_FixedTexts(), cfg, [0, 1], "cpu", torch.float32)
+    plain = train_decompose.encode_batch(_raw_batch(), plain_encoder, *args)
+    assert sorted(plain.modalities) == ["depth", "edge", "segmentation"]  # the toy maps reach the fusion module
+    first = train_decompose.encode_batch(_raw_batch(), cached_encoder, *args, cache=cache)
+    calls = cached_encoder.calls
+    second = train_decompose.encode_batch(_raw_batch(), cached_encoder, *args, cache=cache)
+    assert cached_encoder.calls - calls == 2  # only the two mask-dependent contexts are encoded again
+    for batch in (first, second):
+        for key in ("z_bg", "z_fg", "query", "condition"):
+            torch.testing.assert_close(getattr(batch, key), getattr(plain, key))
+        for name, tokens in plain.modalities.items():
+            torch.testing.assert_close(batch.modalities[name], tokens)
+    no_fg = train_decompose.TrainConfig(maps_from_data=True, mask_spoil_probability=0.0, foreground_context=False)
+    dropped = train_decompose.encode_batch(_raw_batch(), _CountingEncoder(), _FixedTexts(), no_fg, [0, 1], "cpu", None)
+    c = 320  # [bg context 320 | fg context 320]
+    assert dropped.condition[..., c:].abs().max() == 0 and plain.condition[..., c:].abs().max() > 0
+    torch.testing.assert_close(dropped.condition[..., :c], plain.condition[..., :c])
