@@ -137,3 +137,14 @@ def test_an_unknown_mode_is_named():
 def test_block_offloading_says_why_it_cannot_run_here():
     with pytest.raises(ValueError, match="`offload` 'block' cannot run on this machine.*use 'none'"):
         apply_offload(_bfs_model().transformer, "block", "cpu")
+
+
+def test_an_offloaded_model_reports_its_compute_device():
+    """The pipeline and the sampler put their inputs on `model.device`: with the weights parked on the CPU that must
+    still be the compute device. `meta` stands in for CUDA (nothing runs: accelerate's hook only records where to
+    onload; diffusers' group offloading refuses a `meta` onload device: block mode shares the code, untested)."""
+    model = _bfs_model()
+    apply_offload(model.transformer, "model", "meta")
+    assert next(model.transformer.parameters()).device == torch.device("cpu")
+    assert execution_device(model.transformer) == torch.device("meta")
+    assert model.device == torch.device("meta")

@@ -823,6 +823,11 @@ class DualBranchFlux(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the model computes: with offloading (`bfs_core.offload`) its weights wait on the CPU between calls."""
+        from ..offload import Offload, execution_device, offload_mode
+
+        if offload_mode(self.transformer) != Offload.NONE:
+            return execution_device(self.transformer)
         return self.transformer.x_embedder.weight.device
 
     @property
