@@ -5,8 +5,9 @@ management.
   Load BFS and runs BG2FG end to end; with `offload=block` the saved layer is pixel-identical to `offload=none`.
 * In a fresh ComfyUI process (this file run as a script, like model_patcher_check.py): the ModelPatcher reports the
   model's real size (quantised blocks as their bytes, well under the bf16 size); load, run, `unload_all_models`,
-  reload, run gives the same numbers for none and block; in block mode the model stays registered on the CPU and each
-  load asks ComfyUI to free, on the GPU, exactly the bytes the streamed blocks need (`device_weight_bytes`).
+  reload, run gives the same numbers for none and block; with none, loading onto a GPU stand-in (`meta`) moves every
+  tensor there with the GGUF blocks intact; in block mode the model stays registered on the CPU and each load asks
+  ComfyUI to free, on the GPU, exactly the bytes the streamed blocks need (`device_weight_bytes`).
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def test_the_gguf_model_through_comfyuis_memory_management(case, comfy_tiny_mode
     assert result["patcher_size"] < 0.7 * result["bf16_bytes"]
     assert result["max_abs_diff"] == 0.0  # unload_all_models + reload keep every value
     assert result["released"]  # nothing of ours left in ComfyUI's loaded models after unload_all_models
+    if case == "none":  # loaded whole onto the (stand-in) GPU, the GGUF blocks still GGUF blocks there
+        assert result["left_behind"] == [] and result["still_quantised"] >= 20
     if case == "block":
         assert result["load_device"] == "cpu"
         assert result["freed"] == [[result["block_bytes"], "meta"]]
@@ -148,6 +151,17 @@ def _check(comfy_dir: str, tiny_dir: str, bfs_dir: str, case: str, out: str) -> 
         result["released"] = not any(m.model is handle.patcher for m in mm.current_loaded_models)
         second = _forward(handle.load(), cpu, torch.bfloat16)
         result["max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(first, second))
+        if case == "none":  # as on a GPU (`meta` stands in, as in model_patcher_check.py): everything moves there
+            meta = torch.device("meta")
+            mm.unload_all_models()
+            handle.patcher.load_device = meta
+            mm.vram_state = mm.VRAMState.NORMAL_VRAM
+            free = 80 * 1024**3
+            mm.get_free_memory = lambda dev=None, torch_free_too=False: (free, free) if torch_free_too else free
+            loaded = handle.load()
+            tensors = [*loaded.named_parameters(), *loaded.named_buffers()]
+            result["left_behind"] = [n for n, t in tensors if t.device != meta]
+            result["still_quantised"] = sum(hasattr(t, "quant_type") for _, t in tensors)
         if case == "block":  # as on a GPU: the load asks ComfyUI to make room for the streamed blocks
             freed = []
             mm.get_torch_device = lambda: torch.device("meta")
