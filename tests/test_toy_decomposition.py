@@ -89,6 +89,8 @@ class TestScenes:
     def test_training_and_heldout_seeds_do_not_meet(self, tmp_path):
         assert toy.TRAIN_SEEDS[1] <= toy.HELDOUT_SEEDS[0]
         assert all(s.seed >= toy.HELDOUT_SEEDS[0] for s in toy.heldout_decomposition_scenes(3, seed=2))
+        with pytest.raises(ValueError, match="held-out seed range"):
+            toy.heldout_decomposition_scenes(3, seed=-1)  # would reach into the training seeds
         with pytest.raises(ValueError, match="seeds in"):
             toy.write_decomposition_dataset(tmp_path, 2, first_seed=toy.HELDOUT_SEEDS[0])
 
@@ -203,3 +205,12 @@ def test_trainer_reads_toy_maps_caches_fixed_latents_and_can_drop_the_foreground
     c = 320  # [bg context 320 | fg context 320]
     assert dropped.condition[..., c:].abs().max() == 0 and plain.condition[..., c:].abs().max() > 0
     torch.testing.assert_close(dropped.condition[..., :c], plain.condition[..., :c])
+
+
+@pytest.mark.parametrize("flag, value", [("--scenes", "1"), ("--steps", "0"), ("--seed", "-1")])
+def test_evaluate_toy_decomposition_refuses_bad_numbers_by_name(flag, value, capsys):
+    from bfs_core.__main__ import main
+
+    assert main(["evaluate-toy-decomposition", flag, value]) == 2  # bad input: one line, no traceback
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err

@@ -224,7 +224,7 @@ def make_decomposition_scene(seed: int, objects: int | None = None, size: int = 
 def heldout_decomposition_scenes(count: int, seed: int = 0) -> list[DecompositionScene]:
     """`count` held-out scenes; `seed` picks another run of them (seeds HELDOUT_SEEDS[0] + seed·count + i)."""
     first = HELDOUT_SEEDS[0] + seed * count
-    if first + count > HELDOUT_SEEDS[1]:
+    if seed < 0 or first + count > HELDOUT_SEEDS[1]:
         raise ValueError(f"`seed` {seed} with {count} scenes leaves the held-out seed range {HELDOUT_SEEDS}.")
     return [make_decomposition_scene(first + i) for i in range(count)]
 
