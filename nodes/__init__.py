@@ -29,6 +29,7 @@ folder_paths.folder_names_and_paths["bfs"] = (
 from .decompose import DecomposeNodes  # noqa: E402  (the folder must be registered before the schemas list it)
 from .layers import LayerNodes  # noqa: E402
 from .loaders import LoaderNodes  # noqa: E402
+from .reference import ReferenceNodes  # noqa: E402
 from .sampling import SamplingNodes  # noqa: E402
 from .toy import ToyNodes  # noqa: E402
 
@@ -36,7 +37,7 @@ from .toy import ToyNodes  # noqa: E402
 class BFSExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        extensions = [LoaderNodes(), SamplingNodes(), LayerNodes(), DecomposeNodes(), ToyNodes()]
+        extensions = [LoaderNodes(), SamplingNodes(), LayerNodes(), DecomposeNodes(), ToyNodes(), ReferenceNodes()]
         if os.environ.get("BFS_TEST_NODES") == "1":
             from .testing import TestingNodes
 

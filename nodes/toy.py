@@ -15,10 +15,12 @@ from typing_extensions import override
 
 from ..bfs_core.pipelines.codec import DiffusersFluxVAE
 from ..bfs_core.toy.demo import background_image
-from ..bfs_core.toy.models import encode_toy_prompt, load_toy
+from ..bfs_core.toy.models import NEUTRAL_PROMPT, encode_toy_prompt, load_toy
+from ..bfs_core.toy.reference import load_toy_reference
 from ..bfs_core.toy.world import COLOURS, SHAPES, SIZE, vocabulary
 from .common import PatchedModel, image_from_core, normalized_from_raw, raw_from_normalized
 from .loaders import BFS_MODEL, RGBA_VAE
+from .reference import ToyClipVision, ToyStyleModel
 
 
 TOY_TEXT_ENCODER = io.Custom("BFS_TOY_TEXT_ENCODER")
@@ -74,6 +76,12 @@ class LoadToyModel(io.ComfyNode):
                 io.Vae.Output(display_name="vae", tooltip="The toy Flux-VAE stand-in (16 latent channels)."),
                 RGBA_VAE.Output(display_name="rgba_vae", tooltip="The toy RGBA decoder, for RGBA Decode."),
                 TOY_TEXT_ENCODER.Output(display_name="text_encoder", tooltip="For Toy Text Encode."),
+                io.ClipVision.Output(
+                    display_name="clip_vision", tooltip="The toy reference image encoder, for CLIPVisionEncode."
+                ),
+                io.StyleModel.Output(
+                    display_name="style_model", tooltip="The toy Redux projection, for StyleModelApply."
+                ),
             ],
         )
 
@@ -81,7 +89,10 @@ class LoadToyModel(io.ComfyNode):
     def execute(cls) -> io.NodeOutput:
         pipe, rgba = load_toy()
         model = ToyModelHandle.wrap(pipe.model, pipe.scheduler_config, "BFS toy model")
-        return io.NodeOutput(model, ToyVAE(pipe.codec), rgba, pipe.text_encoders)
+        reference = load_toy_reference()
+        return io.NodeOutput(
+            model, ToyVAE(pipe.codec), rgba, pipe.text_encoders, ToyClipVision(reference), ToyStyleModel(reference)
+        )
 
 
 class ToyTextEncode(io.ComfyNode):
@@ -96,10 +107,11 @@ class ToyTextEncode(io.ComfyNode):
                 TOY_TEXT_ENCODER.Input("text_encoder", tooltip="From Load BFS Toy Model."),
                 io.Combo.Input(
                     "text",
-                    options=vocabulary(),
+                    options=vocabulary() + [NEUTRAL_PROMPT],
                     default="a red cube",
                     tooltip=f"'a <colour> <shape>': colours {', '.join(COLOURS)}; shapes "
-                    f"{', '.join(SHAPES)}. The toy model knows nothing else.",
+                    f"{', '.join(SHAPES)}; or '{NEUTRAL_PROMPT}' with a reference image (StyleModelApply). The toy "
+                    "model knows nothing else.",
                 ),
             ],
             outputs=[io.Conditioning.Output()],
@@ -107,10 +119,10 @@ class ToyTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoder, text) -> io.NodeOutput:
-        if text not in vocabulary():  # ComfyUI 0.3.75 does not check V3 combo values sent through the API
+        if text not in vocabulary() + [NEUTRAL_PROMPT]:  # ComfyUI 0.3.75 does not check V3 combo values sent via API
             raise ValueError(
                 f"`text` must be one of the toy model's prompts ('a <colour> <shape>': colours "
-                f"{', '.join(COLOURS)}; shapes {', '.join(SHAPES)}) but got {text!r}."
+                f"{', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; or '{NEUTRAL_PROMPT}') but got {text!r}."
             )
         embeds, pooled = encode_toy_prompt(text_encoder, text)
         return io.NodeOutput([[embeds.float(), {"pooled_output": pooled.float()}]])
