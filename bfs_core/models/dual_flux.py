@@ -23,7 +23,9 @@ k=comp, v=comp), as the release's `xy_lora` (= `comp`) / `yx_lora` (= `fg`) mask
 Fast path: the joint module's base Q/K/V are the block's own frozen weights, so the processor computes each base
 projection once, adds the content-LoRA delta for self-attention and the joint-LoRA delta for the joint attention, and
 swaps branch halves for K/V. `JointAttention.forward(..., base_qkv=None)` is the plain reference path with separate
-projections.
+projections. RoPE is one complex multiply (`apply_rope`), and in eager fp32 CPU inference each q/k RMSNorm + RoPE runs
+in place in one buffer (`rms_norm`, `_norm_rope`; double blocks write text and image tokens into it, no cat): bitwise
+diffusers' own results, with fewer passes over memory.
 """
 
 from __future__ import annotations
