@@ -13,11 +13,11 @@ Weights (B = bytes per stored value):
 
 - `bf16`: every tensor 2 B per value.
 - `fp8`: what Load BFS's `weight_dtype = fp8_e4m3fn` holds (`store_weights_in_fp8`, diffusers layerwise casting):
-  1 B per value (weight *and* bias) for each Linear outside its skip patterns, 2 B for the rest. Its patterns
-  (`norm`, `proj_out$`, `pos_embed`, `time_text_embed`, `x_embedder`, `joint`) are searched in module paths, so they
-  also keep in bf16 every AdaLN modulation Linear (`…norm1.linear`, `…norm1_context.linear`, `…norm.linear`,
-  `norm_out.linear`) and every single block's `proj_out` (5D→D): 5.0 B parameters, so 5.1 B of FLUX's 11.9 B stay
-  in bf16.
+  1 B per value (weight *and* bias) for each Linear outside its skip patterns (`pos_embed`, `norm`,
+  `time_text_embed`, `x_embedder`, `joint`, `^proj_out$`), 2 B for the rest. They are searched in module paths, so
+  `norm` keeps every AdaLN modulation Linear (`…norm1.linear`, `…norm1_context.linear`, `…norm.linear`,
+  `norm_out.linear`) in bf16, as diffusers' Flux model asks for itself (3.2 B parameters); the single blocks'
+  `proj_out` (5D→D) is fp8, the final `proj_out` bf16.
 - `fp8_all`: every 2-D weight of every block in fp8 (a stored fp8 checkpoint, scaled fp8's per-layer fp32 scales
   included, 4 B each); biases, norm scales, embedders, `norm_out`, `proj_out` in bf16.
 - `q8_0` / `q4_k` (GGUF, as city96's conversions and `bfs_core.tiny.gguf` write them): every 2-D tensor whose rows
@@ -84,7 +84,7 @@ OFFLOAD_MODES = ("none", "model", "block")
 # GGML block sizes: (values per block, bytes per block), as gguf.GGML_QUANT_SIZES gives them.
 GGUF_BLOCKS = {"q8_0": (32, 34), "q4_k": (256, 144)}
 # store_weights_in_fp8's skip patterns (bfs_core/models/dual_flux.py), searched in module paths like diffusers does.
-FP8_SKIP_PATTERNS = ("pos_embed", "norm", "joint", "time_text_embed", "x_embedder", "proj_out$")
+FP8_SKIP_PATTERNS = ("pos_embed", "norm", "joint", "time_text_embed", "x_embedder", "^proj_out$")
 TEXT_TOKENS = 512
 
 

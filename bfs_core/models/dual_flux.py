@@ -901,18 +901,26 @@ class DualBranchFlux(nn.Module):
         )
 
 
+# Module paths `store_weights_in_fp8` keeps in the compute dtype (searched like diffusers' layerwise casting does, in
+# every module path on the way down). "norm" keeps every AdaLN modulation Linear in bf16, as diffusers' Flux model
+# asks itself (its _skip_layerwise_casting_patterns). "^proj_out$" is the final output projection only: unanchored,
+# it also matched every single block's 5D->D projection (1.8 B parameters kept in bf16 for nothing).
+FP8_SKIP_PATTERNS = ("pos_embed", "norm", "joint", "time_text_embed", "x_embedder", "^proj_out$")
+
+
 def store_weights_in_fp8(transformer: FluxTransformer2DModel, compute_dtype: torch.dtype = torch.bfloat16) -> None:
     """Keep the frozen Flux Linears in float8_e4m3fn and compute in `compute_dtype` (about half the memory).
 
     Stock modules use diffusers' layerwise casting; Linears carrying a content LoRA keep their adapters in
     `compute_dtype` and store only their own weight in fp8 (their forward upcasts it, as the dual-branch blocks do
-    for every weight they read directly). Norms, embeddings and all BFS parameters stay in `compute_dtype`. Call after
-    the BFS weights are loaded; inference only.
+    for every weight they read directly). The AdaLN modulation Linears (as diffusers' Flux model asks), the embedders,
+    the final `proj_out` and all BFS parameters stay in `compute_dtype`; the single blocks' `proj_out` is fp8.
+    Call after the BFS weights are loaded; inference only.
     """
     transformer.enable_layerwise_casting(
         storage_dtype=torch.float8_e4m3fn,
         compute_dtype=compute_dtype,
-        skip_modules_pattern=("pos_embed", "norm", "joint", "time_text_embed", "x_embedder", "proj_out$"),
+        skip_modules_pattern=FP8_SKIP_PATTERNS,
         skip_modules_classes=(BranchLoRALinear, BranchLoRA, JointAttention),
     )
     for module in transformer.modules():
