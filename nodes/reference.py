@@ -5,7 +5,6 @@ interfaces, so stock CLIPVisionEncode and StyleModelApply run it exactly like Si
 
 from __future__ import annotations
 
-import comfy.clip_vision
 import torch
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
@@ -27,6 +26,8 @@ class ToyClipVision:
         """ComfyUI IMAGE [B, H, W, C] -> an Output with `last_hidden_state` [B, 16, 64] (and `image_embeds`)."""
         pixels = preprocess(image_to_core(image, "image", channels=(3, 4))[:, :3], crop)
         hidden = self.encoder.vision(pixels)
+        import comfy.clip_vision  # here, not at the top: tests import the node modules with stub comfy packages
+
         output = comfy.clip_vision.Output()
         output["last_hidden_state"] = hidden
         output["penultimate_hidden_states"] = hidden
