@@ -83,7 +83,10 @@ EXPECTED = {  # node id -> (input types by name, output types): the documented i
         },
         ["IMAGE", "MASK", "IMAGE", "MASK"],
     ),
-    "BFSLoadToyModel": ({}, ["BFS_MODEL", "VAE", "BFS_RGBA_VAE", "BFS_TOY_TEXT_ENCODER"]),
+    "BFSLoadToyModel": (
+        {},
+        ["BFS_MODEL", "VAE", "BFS_RGBA_VAE", "BFS_TOY_TEXT_ENCODER", "CLIP_VISION", "STYLE_MODEL"],
+    ),
     "BFSToyTextEncode": ({"text_encoder": "BFS_TOY_TEXT_ENCODER", "text": "COMBO"}, ["CONDITIONING"]),
     "BFSToyBackground": ({"seed": "INT"}, ["IMAGE"]),
 }
