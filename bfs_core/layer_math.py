@@ -186,6 +186,17 @@ def mask_from_box(box: Sequence[int], height: int, width: int, dtype: torch.dtyp
     return mask
 
 
+def bounding_box_masks(mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W] any masks -> their bounding boxes as masks (the paper's region is a box), on the masks' device."""
+    height, width = mask.shape[-2:]
+    boxes = []
+    for m in mask[:, 0]:
+        if not (m >= 0.5).any():
+            raise ValueError("The region `mask` is empty: paint or box the area where the foreground should go.")
+        boxes.append(mask_from_box(box_from_mask(m), height, width))
+    return torch.stack(boxes)[:, None].to(mask.device)
+
+
 def clamp_box(box: Sequence[int], height: int, width: int) -> Box:
     """Clip a box to the image; raises if nothing of it is left inside."""
     if len(box) != 4:

@@ -11,7 +11,7 @@ import comfy.utils
 import torch
 
 from ..bfs_core.finite import check_finite
-from ..bfs_core.layer_math import box_from_mask, clamp_box, mask_from_box
+from ..bfs_core.layer_math import clamp_box, mask_from_box
 from ..bfs_core.sampling.step_cache import FAST_THRESHOLD
 
 
@@ -46,17 +46,6 @@ def mask_to_core(mask: torch.Tensor, name: str, size: tuple[int, int]) -> torch.
         )
     check_finite(name, mask)
     return mask[:, None].float()
-
-
-def bounding_box_masks(mask: torch.Tensor) -> torch.Tensor:
-    """[B, 1, H, W] any masks -> their bounding boxes as masks (the paper's region is a box)."""
-    height, width = mask.shape[-2:]
-    boxes = []
-    for m in mask[:, 0]:
-        if not (m >= 0.5).any():
-            raise ValueError("The region `mask` is empty: paint or box the area where the foreground should go.")
-        boxes.append(mask_from_box(box_from_mask(m), height, width))
-    return torch.stack(boxes)[:, None]
 
 
 # -- the region: a connected mask, or the box drawn on the node -------------------------------------------------------

@@ -7,12 +7,12 @@ from comfy_api.latest import ComfyExtension, io
 from server import PromptServer
 from typing_extensions import override
 
+from ..bfs_core.layer_math import bounding_box_masks
 from ..bfs_core.pipelines.bfs import BFSPipeline
 from ..bfs_core.toy.guard import run_toy
 from .common import (
     ComfyFluxVAE,
     background_preview,
-    bounding_box_masks,
     box_input,
     cache_threshold_input,
     flux_text,

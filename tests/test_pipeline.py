@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bfs_core.image_ops import processing_size
+from bfs_core.layer_math import bounding_box_masks
 from bfs_core.pipelines.bfs import BFSPipeline
 from bfs_core.pipelines.loading import load_pipeline
 from bfs_core.tiny import write_tiny_set
@@ -89,7 +90,8 @@ def test_pipeline_input_errors_name_the_input(pipe):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The paper's region rule: the region is the bounding box of whatever mask the user draws (x1 / y1 exclusive).
-# Two places derive it: the CLI (`cli.generate.region_mask`) and the nodes (`nodes.common.bounding_box_masks`).
+# Two places derive it: the CLI (`cli.generate.region_mask`) and the nodes (`bfs_core.layer_math.bounding_box_masks`,
+# which fill_then_extract also uses).
 
 
 def _l_and_blobs():
@@ -164,14 +166,13 @@ def _import_nodes_common(monkeypatch):
             sys.modules.pop(name, None)
 
 
-def test_node_region_is_each_masks_bounding_box(monkeypatch):
-    common = _import_nodes_common(monkeypatch)
+def test_node_region_is_each_masks_bounding_box():
     masks = _l_and_blobs()
     soft = masks["l"] * 0.8  # a soft brush stroke: >= 0.5 counts as painted
     soft[0, 0] = 0.3  # below the threshold: not part of the region
-    regions = common.bounding_box_masks(torch.stack([soft, masks["blobs"]])[:, None])
+    regions = bounding_box_masks(torch.stack([soft, masks["blobs"]])[:, None])
     assert regions.shape == (2, 1, 20, 30)
     assert torch.equal(regions[0, 0], _box_by_hand(*EXPECTED_BOXES["l"]))
     assert torch.equal(regions[1, 0], _box_by_hand(*EXPECTED_BOXES["blobs"]))
     with pytest.raises(ValueError, match="empty"):
-        common.bounding_box_masks(torch.zeros(1, 1, 20, 30))
+        bounding_box_masks(torch.zeros(1, 1, 20, 30))

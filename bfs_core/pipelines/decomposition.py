@@ -23,7 +23,7 @@ from ..conditioning import canny_edges
 from ..errors import UserInputError
 from ..finite import check_finite
 from ..image_ops import processing_size, resize_images, resize_mask
-from ..layer_math import box_from_mask, dilate_mask, mask_from_box, resize_rgba
+from ..layer_math import bounding_box_masks, dilate_mask, resize_rgba
 from ..models.dual_flux import BranchLoRALinear, DualBranchFlux, JointAttnProcessor, dual_branch_config
 from ..models.layer_decomposition import DEFAULT_SHORT_SIDE, FluxFillBaseline
 from ..sampling.flow_match import (
@@ -252,12 +252,6 @@ def bfs_adapters_off(transformer: nn.Module) -> Iterator[nn.Module]:
             attn.set_processor(processor)
 
 
-def _bounding_boxes(mask: torch.Tensor) -> torch.Tensor:
-    """[N, 1, H, W] binary -> each mask's bounding box as a mask (the region BFS extraction was trained on)."""
-    height, width = mask.shape[-2:]
-    return torch.stack([mask_from_box(box_from_mask(m[0]), height, width) for m in mask])[:, None].to(mask.device)
-
-
 class FillThenExtractPipeline:
     """Decomposition with weights users can download today: FLUX.1-Fill-dev removal, then BFS Extract Foreground.
 
@@ -432,7 +426,7 @@ class FillThenExtractPipeline:
         extracted = self.bfs.extract(
             image.float(),
             background,
-            _bounding_boxes(region),
+            bounding_box_masks(region),
             prompt_embeds,
             pooled,
             seed=seed,
